@@ -1,0 +1,68 @@
+"""The ``jmp`` entry point: global options, and the one place errors become exit codes."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import structlog
+
+from jumpstarter_exporter import __version__
+from jumpstarter_exporter import log as logsetup
+from jumpstarter_exporter.errors import ExitCode, JumpstarterError
+
+
+class JmpGroup(click.Group):
+    """Maps our exception tree onto exit codes: a clear line for user errors, never a
+    traceback; a traceback and 70 only for bugs."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except JumpstarterError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(int(exc.exit_code))
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception:  # noqa: BLE001 - the last line of defence: log the bug, exit 70
+            structlog.get_logger("jmp").exception("internal error")
+            ctx.exit(int(ExitCode.SOFTWARE))
+
+
+@click.group(cls=JmpGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="jmp")
+@click.option(
+    "--log-level",
+    type=click.Choice(logsetup.LEVELS, case_sensitive=False),
+    default="INFO",
+    show_default=True,
+    envvar="JMP_LOG_LEVEL",
+    help="Log threshold.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "json", "text"]),
+    default="auto",
+    show_default=True,
+    envvar="JMP_LOG_FORMAT",
+    help="auto: JSON when stderr is not a terminal.",
+)
+def jmp(log_level: str, log_format: str) -> None:
+    """Jumpstarter: put lab hardware on the network for remote test clients."""
+    logsetup.configure(log_level, log_format)  # type: ignore[arg-type]
+
+
+def _register() -> None:
+    from jumpstarter_exporter.cli.config_cmd import config
+
+    jmp.add_command(config)
+
+
+_register()
+
+
+def main() -> None:
+    try:
+        jmp.main(prog_name="jmp")
+    except KeyboardInterrupt:  # pragma: no cover - interactive only
+        sys.exit(130)

@@ -1,0 +1,54 @@
+"""Shared fixtures: the upstream 0.9 interop venv and an isolated config home per test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def upstream_venv() -> Path:
+    """The venv with upstream Jumpstarter 0.9.0 (built once by scripts/upstream-venv).
+
+    Never skipped: if it cannot be built the interop tests fail, which is what CI wants.
+    """
+    out = subprocess.run(
+        [str(REPO / "scripts" / "upstream-venv")],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    venv = Path(out.stdout.strip().splitlines()[-1])
+    assert (venv / "bin" / "jmp").exists(), f"no upstream jmp in {venv}"
+    return venv
+
+
+@pytest.fixture
+def config_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """An environment whose config home and system exporter dir are private to the test.
+
+    Every JMP_*/JUMPSTARTER_* variable of the caller is dropped so the developer's own
+    configuration can never leak into a test.
+    """
+    for key in list(os.environ):
+        if key.startswith(("JMP_", "JUMPSTARTER_")):
+            monkeypatch.delenv(key)
+    home = tmp_path / "home"
+    (home / ".config").mkdir(parents=True)
+    system = tmp_path / "etc-exporters"
+    system.mkdir()
+    env = {
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "JMP_CLIENT_CONFIG_HOME": str(home / ".config" / "jumpstarter"),
+        "JMP_SYSTEM_EXPORTER_DIR": str(system),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return {**os.environ, **env}
