@@ -52,3 +52,25 @@ def config_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return {**os.environ, **env}
+
+
+JMP = REPO / ".venv" / "bin" / "jmp"
+
+
+@pytest.fixture
+def jmp(config_env: dict[str, str]):
+    """Run our real ``jmp`` as a subprocess in the private config environment."""
+
+    def run(
+        *args: str, env: dict[str, str] | None = None, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(JMP), *args],
+            env={**config_env, **(env or {})},
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    return run

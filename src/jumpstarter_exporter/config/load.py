@@ -276,7 +276,7 @@ def load_client(
         elif env.get("JMP_NAME") and env.get("JMP_NAMESPACE"):
             return load(ClientConfig, None, overrides=overrides, environ=env)
         else:
-            alias = load_user(env).config.current_client
+            alias = load_user(env).config.config.current_client
             if alias is None:
                 raise NotFoundError(
                     "no client config selected: give --client or --client-config, set "
