@@ -1,0 +1,1 @@
+"""The single-node controller and router (issue: `jmp controller serve`)."""

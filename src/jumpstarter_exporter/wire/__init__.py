@@ -1,0 +1,2 @@
+"""Everything gRPC that the exporter, controller and client share: channels (TLS, trust,
+options, credentials), value mapping and router framing."""
