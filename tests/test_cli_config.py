@@ -244,7 +244,7 @@ def test_check_reports_values_sources_and_exit_codes(jmp, config_env) -> None:
     values = {v["key"]: v for v in report["values"]}
     assert values["token"]["value"] == "<redacted>"
     assert values["token"]["source"] == "environment JMP_TOKEN"
-    assert values["endpoint"]["source"].endswith("chk.yaml:6")
+    assert values["endpoint"]["source"] == "line 6"
     assert "ENV-TOK" not in out.stdout and "EXP-TOKEN" not in out.stdout
 
     bad = paths.user_exporter_path("bad")

@@ -137,9 +137,8 @@ class _Layers:
         for env_key, var in self.env_origin.items():
             if key[: len(env_key)] == env_key:
                 return f"environment {var}"
-        line = self.line(key)
-        if line is not None and self.path is not None:
-            return f"{self.path}:{line}"
+        if _get_path(self.file_data, key)[0]:
+            return f"line {self.lines[key]}" if key in self.lines else "file"
         return "default"
 
     def line(self, key: KeyPath) -> int | None:
@@ -398,7 +397,8 @@ def _config_error(exc: ValidationError, cls: type[BaseModel], layers: _Layers) -
         dotted = ".".join(map(str, key)) or "(top level)"
         where = layers.origin(key)
         if where == "default":
-            where = f"{layers.path}:{layers.line(key)}" if layers.line(key) else ""
+            # A missing key has no line of its own: point at its nearest written parent.
+            where = f"line {layers.line(key)}" if layers.line(key) else ""
         kind = err["type"]
         if kind == "extra_forbidden":
             parent = _model_at(cls, raw_loc[:-1])
