@@ -232,6 +232,10 @@ def test_exporter_lifecycle(jmp, config_env) -> None:
 
 
 def test_exporter_list_empty(jmp) -> None:
+    # Hidden files are in-flight temps and edit drafts, never configs.
+    hidden = paths.user_exporter_path("x").with_name(".draft.yaml")
+    hidden.parent.mkdir(parents=True)
+    hidden.write_text("kind: ExporterConfig\n")
     out = jmp("config", "exporter", "list")
     assert (out.returncode, out.stdout.strip()) == (0, "No resources found.")
 

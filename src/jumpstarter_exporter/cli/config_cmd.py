@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from jumpstarter_exporter.cli.output import OUTPUT_CHOICES, emit, table
+from jumpstarter_exporter.cli.output import OUTPUT_CHOICES, emit, show, table
 from jumpstarter_exporter.config import paths, store
 from jumpstarter_exporter.config.load import load, load_client, load_exporter, load_user
 from jumpstarter_exporter.config.models import (
@@ -298,7 +298,7 @@ def client_check(
 
 
 def _print_explain(
-    path: Path | None, rows: list[tuple[str, str, str]], output: str | None, notes: list[str]
+    path: Path | None, rows: list[tuple[str, Any, str]], output: str | None, notes: list[str]
 ) -> None:
     if output == "json":
         emit(
@@ -312,7 +312,7 @@ def _print_explain(
         )
         return
     click.echo(f"{path or '(environment)'}: valid")
-    click.echo(table(["KEY", "VALUE", "SOURCE"], rows))
+    click.echo(table(["KEY", "VALUE", "SOURCE"], [(k, show(v), s) for k, v, s in rows]))
     for note in notes:
         click.echo(f"note: {note}", err=True)
 
@@ -442,7 +442,7 @@ def exporter_edit(alias: str) -> None:
     if not path.exists():
         raise NotFoundError(f'exporter "{alias}" does not exist')
     original = path.read_text(encoding="utf-8")
-    draft = path.with_name(f".{path.name}.edit.yaml")
+    draft = path.with_name(f".{path.name}.edit")
     atomic_write(draft, original)
     try:
         click.edit(filename=str(draft))

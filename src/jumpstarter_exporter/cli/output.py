@@ -24,6 +24,17 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     )
 
 
+def show(value: Any) -> str:
+    """A JSON value as a person reads it in a table (YAML spelling for scalars)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
 def emit(document: Any, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps(document, indent=4))

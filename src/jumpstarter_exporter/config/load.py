@@ -192,20 +192,24 @@ class Loaded(Generic[T]):
     def alias(self) -> str | None:
         return paths.alias_of(self.path) if self.path else None
 
-    def explain(self, *, show_secrets: bool = False) -> list[tuple[str, str, str]]:
-        """(key, value, origin) for every leaf of the effective config."""
+    def explain(self, *, show_secrets: bool = False) -> list[tuple[str, Any, str]]:
+        """(dotted key, JSON value, origin) for every leaf of the effective config."""
         rows = []
         data = self.config.model_dump(mode="json", by_alias=True)
         for key, value in _leaves(data):
-            shown = "null" if value is None else str(value)
             if not show_secrets and value and key[-1] in SECRET_KEYS:
-                shown = "<redacted>"
-            rows.append((".".join(map(str, key)), shown, self.layers.origin(key)))
+                value = "<redacted>"
+            rows.append((".".join(map(str, key)), value, self.layers.origin(key)))
         return rows
 
 
+# Free-form maps whose keys contain dots (gRPC channel args) or are user text: one leaf each,
+# so "grpcOptions.grpc.keepalive_time_ms" never has to be split back apart.
+_MAP_LEAVES = frozenset({"grpcOptions", "methods_description"})
+
+
 def _leaves(data: Any, prefix: KeyPath = ()) -> Iterator[tuple[KeyPath, Any]]:
-    if isinstance(data, dict) and data:
+    if isinstance(data, dict) and data and (not prefix or prefix[-1] not in _MAP_LEAVES):
         for key, value in data.items():
             yield from _leaves(value, (*prefix, key))
     else:

@@ -97,4 +97,9 @@ def alias_of(path: Path) -> str:
 def list_yaml(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if p.suffix == ".yaml" and p.is_file())
+    # Hidden files are ours in flight (atomic-write temps, edit drafts), never configs.
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if p.suffix == ".yaml" and not p.name.startswith(".") and p.is_file()
+    )
