@@ -327,3 +327,15 @@ def test_models_built_directly_ignore_the_environment(monkeypatch) -> None:
     cfg = ClientConfig(metadata={"namespace": "n", "name": "c"})
     assert cfg.token is None
     assert ExporterConfig(metadata={"name": "e"}).token is None
+
+
+@pytest.mark.parametrize(
+    ("var", "attr"),
+    [("JMP_ENDPOINT", "endpoint"), ("JMP_TOKEN", "token"), ("JMP_NAME", "name")],
+)
+def test_environment_overrides_client_file(config_env, var: str, attr: str) -> None:
+    path = _client_file("c", "file:1")
+    loaded = load_client(alias="c", environ={**os.environ, var: "from-env"})
+    cfg = loaded.config
+    assert (cfg.metadata.name if attr == "name" else getattr(cfg, attr)) == "from-env"
+    assert loaded.path == path
