@@ -178,11 +178,10 @@ def client_create(
         tls=TLSConfig(insecure=insecure_tls),
         drivers=DriversConfig(allow=globs, unsafe=unsafe),
     )
-    store.save_client(cfg, target)
-    if out is None and [p for p in paths.list_yaml(paths.clients_dir())] == [target]:
-        user = load_user()
-        user.config.config.current_client = alias
-        store.save_user(user.config)
+    if out is None:
+        store.add_client(cfg, alias)
+    else:
+        store.save_client(cfg, target)
     if output == "path":
         click.echo(target)
 
@@ -359,7 +358,7 @@ def exporter_create(
         token=token,
         tls=TLSConfig(insecure=insecure_tls),
     )
-    store.save_exporter(cfg, path)
+    store.add_exporter(cfg, alias)
     if output == "path":
         click.echo(path)
 

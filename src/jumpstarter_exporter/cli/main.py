@@ -54,8 +54,10 @@ def jmp(log_level: str, log_format: str) -> None:
 
 def _register() -> None:
     from jumpstarter_exporter.cli.config_cmd import config
+    from jumpstarter_exporter.cli.controller_cmd import controller
 
     jmp.add_command(config)
+    jmp.add_command(controller)
 
 
 _register()
