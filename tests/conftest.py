@@ -74,3 +74,15 @@ def jmp(config_env: dict[str, str]):
         )
 
     return run
+
+
+@pytest.fixture
+def controller(tmp_path: Path, config_env: dict[str, str]):
+    """Our real controller on 127.0.0.1 (random port), stopped when the test ends."""
+    from tests.harness import Controller
+
+    ctl = Controller(tmp_path / "controller-state", config_env).start()
+    try:
+        yield ctl
+    finally:
+        ctl.stop()

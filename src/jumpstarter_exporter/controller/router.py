@@ -37,7 +37,6 @@ class _Pair:
     open_directions: int = 2
     failed: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: set[asyncio.Task] = field(default_factory=set)
 
     def other(self, context: grpc.aio.ServicerContext) -> grpc.aio.ServicerContext:
         return self.second if context is self.first else self.first
@@ -48,11 +47,13 @@ class _Pair:
             self.done.set()
 
     def fail(self) -> None:
+        # The pumps are not cancelled here: a Python-level cancel leaves the call's core
+        # receive operation pending, and the status we then send collides with it
+        # (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS). Ending the surviving call is what stops
+        # its pump; see RouterService._run.
         if not self.done.is_set():
             self.failed = True
             self.done.set()
-        for task in self.tasks:
-            task.cancel()
 
 
 async def _pump(source: grpc.aio.ServicerContext, sink: grpc.aio.ServicerContext) -> None:
@@ -108,21 +109,29 @@ class RouterService(router_pb2_grpc.RouterServiceServicer):
 
     async def _run(self, pair: _Pair, mine, theirs) -> None:
         self.active += 1
-        task = asyncio.ensure_future(_pump(mine, theirs))
-        pair.tasks.add(task)
+        pump = asyncio.ensure_future(_pump(mine, theirs))
+        pump.add_done_callback(lambda task: self._pump_done(pair, task))
         try:
-            try:
-                await task
-                pair.direction_ended()
-            except asyncio.CancelledError:
-                if not pair.failed:  # our own call was cancelled: the caller went away
-                    pair.fail()
-                    raise
-            except (grpc.RpcError, grpc.aio.UsageError, RuntimeError) as exc:
-                log.debug("router stream broke", stream=pair.stream_id, error=str(exc))
-                pair.fail()
             await pair.done.wait()
+            if pair.failed and not pump.done():
+                # We survived our peer: end our call, which also ends our pump's read.
+                await mine.abort(
+                    grpc.StatusCode.UNAVAILABLE, "the other side of the stream went away"
+                )
+        except asyncio.CancelledError:
+            pair.fail()  # our own caller went away
+            raise
         finally:
             self.active -= 1
-        if pair.failed:
-            await mine.abort(grpc.StatusCode.UNAVAILABLE, "the other side of the stream went away")
+            if not pump.done():
+                pump.cancel()
+
+    @staticmethod
+    def _pump_done(pair: _Pair, task: asyncio.Task) -> None:
+        if task.cancelled():
+            pair.fail()
+        elif (exc := task.exception()) is not None:
+            log.debug("router stream broke", stream=pair.stream_id, error=str(exc))
+            pair.fail()
+        else:
+            pair.direction_ended()

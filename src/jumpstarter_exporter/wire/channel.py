@@ -145,3 +145,29 @@ def secure_channel(
     if call_credentials is not None:
         creds = grpc.composite_channel_credentials(creds, call_credentials)
     return grpc.aio.secure_channel(endpoint, creds, options=channel_options(grpc_options))
+
+
+class _IdentityPlugin(grpc.AuthMetadataPlugin):
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def __call__(self, context, callback) -> None:  # gRPC's plugin signature
+        callback(self._metadata, None)
+
+
+def identity_credentials(kind: str, namespace: str, name: str, token: str) -> grpc.CallCredentials:
+    """The metadata every controller call carries (protocol-facts §2.1), in upstream's order.
+
+    Call credentials, so gRPC sends them only over TLS and never logs them.
+    """
+    return grpc.metadata_call_credentials(
+        _IdentityPlugin(
+            (
+                ("jumpstarter-kind", kind),
+                ("jumpstarter-namespace", namespace),
+                ("jumpstarter-name", name),
+                ("authorization", f"Bearer {token}"),
+            )
+        ),
+        name="jumpstarter-identity",
+    )

@@ -1,0 +1,194 @@
+"""Real processes for tests: our controller, upstream's exporter, socat pty pairs.
+
+Each helper starts a real process on loopback and stops it (SIGTERM, then SIGKILL) when the
+test ends, so no test leaves anything running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+JMP = REPO / ".venv" / "bin" / "jmp"
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@dataclass
+class Controller:
+    """``jmp controller serve`` on 127.0.0.1, state in a temp dir, JSON logs in a file."""
+
+    state_dir: Path
+    env: dict[str, str]
+    port: int = 0
+    proc: subprocess.Popen | None = None
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.state_dir.parent / f"{self.state_dir.name}.log"
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> Controller:
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = self.log_path.open("ab")
+        listen = f"127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [
+                str(JMP),
+                "--log-format",
+                "json",
+                "--log-level",
+                "DEBUG",
+                "controller",
+                "serve",
+                "--listen",
+                listen,
+                "--state-dir",
+                str(self.state_dir),
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+        event = wait_for(
+            lambda: self._find("controller listening", offset), what="controller to listen"
+        )
+        self.port = event["port"]
+        return self
+
+    def events(self, offset: int = 0) -> list[dict]:
+        if not self.log_path.exists():
+            return []
+        out = []
+        with self.log_path.open("rb") as handle:
+            handle.seek(offset)
+            for line in handle:
+                with contextlib.suppress(ValueError):
+                    out.append(json.loads(line))
+        return out
+
+    def _find(self, event: str, offset: int = 0) -> dict | None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"controller exited {self.proc.returncode}: {self.log()}")
+        return next((e for e in self.events(offset) if e.get("event") == event), None)
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(5)
+
+    def jmp(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run(
+            [str(JMP), *args], env=self.env, capture_output=True, text=True, timeout=60
+        )
+        if check and out.returncode != 0:
+            raise AssertionError(f"jmp {' '.join(args)} failed: {out.stderr}")
+        return out
+
+    def create_exporter(self, name: str, labels: dict[str, str], export: dict, path: Path) -> Path:
+        args = [
+            "controller",
+            "create",
+            "exporter",
+            name,
+            "--state-dir",
+            str(self.state_dir),
+            "--endpoint",
+            self.endpoint,
+            "--out",
+            str(path),
+        ]
+        for key, value in labels.items():
+            args += ["--label", f"{key}={value}"]
+        self.jmp(*args)
+        data = yaml.safe_load(path.read_text())
+        data["export"] = export
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    def create_client(self, name: str, path: Path, *extra: str) -> dict:
+        self.jmp(
+            "controller",
+            "create",
+            "client",
+            name,
+            "--state-dir",
+            str(self.state_dir),
+            "--endpoint",
+            self.endpoint,
+            "--out",
+            str(path),
+            *extra,
+        )
+        return yaml.safe_load(path.read_text())
+
+
+@dataclass
+class PtyPair:
+    """Two linked pseudo-terminals made by socat: one end for the driver, one for the test."""
+
+    device: Path
+    far_end: Path
+    proc: subprocess.Popen
+
+    def close(self) -> None:
+        stop_process(self.proc, 5)
+
+
+def socat_pty_pair(directory: Path) -> PtyPair:
+    device, far = directory / "ttyDUT", directory / "ttyTEST"
+    proc = subprocess.Popen(
+        ["socat", f"pty,raw,echo=0,link={device}", f"pty,raw,echo=0,link={far}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(lambda: device.exists() and far.exists(), 10, what="socat ptys")
+    return PtyPair(device, far, proc)
+
+
+def upstream_env(venv: Path, base: dict[str, str], home: Path) -> dict[str, str]:
+    env = dict(base)
+    env["PATH"] = f"{venv / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+    env["JMP_CLIENT_CONFIG_HOME"] = str(home)
+    env.pop("VIRTUAL_ENV", None)
+    return env
