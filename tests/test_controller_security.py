@@ -92,6 +92,7 @@ class ScriptedExporter:
         self.speaker = speaker
         self.statuses: list[jumpstarter_pb2.StatusResponse] = []
         self.tokens: asyncio.Queue[jumpstarter_pb2.ListenResponse] = asyncio.Queue()
+        self.online = asyncio.Event()  # the first Status message arrived
         self.leased = asyncio.Event()
         self.unleased = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -113,6 +114,7 @@ class ScriptedExporter:
         listening = None
         async for msg in self.stub.Status(jumpstarter_pb2.StatusRequest()):
             self.statuses.append(msg)
+            self.online.set()
             if msg.leased and listening is None:
                 self.leased.set()
                 listening = asyncio.ensure_future(self._listen(msg.lease_name))

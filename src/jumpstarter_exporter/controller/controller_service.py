@@ -107,18 +107,10 @@ class ControllerService(jumpstarter_pb2_grpc.ControllerServiceServicer):
     async def Status(self, request, context) -> AsyncIterator[jumpstarter_pb2.StatusResponse]:
         me = await self.core.authenticate(context, "Exporter")
         key = (me.namespace, me.name)
-        with self.core.hub.connected(key):
-            exporter = self.core.store.get_exporter(*key)
-            assert exporter is not None
-            exporter.last_seen = time.time()
-            if exporter.status == "Offline":
-                # An exporter that said goodbye and is back starts clean (upstream does too).
-                exporter.status = ""
-            self.core.store.update_exporter(exporter)
-            self.core.wake()  # online again: pending leases may now fit it
-            log.info("exporter online", exporter=me.name, namespace=me.namespace)
-            last = None
-            try:
+        try:
+            with self.core.hub.connected(key):
+                self._came_online(me)
+                last = None
                 while True:
                     event = self.core.hub.event(key)
                     current = self._status(*key)
@@ -132,9 +124,30 @@ class ControllerService(jumpstarter_pb2_grpc.ControllerServiceServicer):
                         return
                     exporter.last_seen = time.time()
                     self.core.store.update_exporter(exporter)
-            finally:
-                log.info("exporter offline", exporter=me.name, namespace=me.namespace)
-                self.core.wake()
+        finally:
+            if not self.core.hub.is_online(key):
+                self._went_offline(me)
+            self.core.wake()
+
+    def _came_online(self, me) -> None:
+        exporter = self.core.store.get_exporter(me.namespace, me.name)
+        assert exporter is not None
+        exporter.last_seen = time.time()
+        if exporter.status == "Offline":
+            # An exporter that said goodbye and is back starts clean (upstream does too).
+            exporter.status = ""
+        self.core.store.update_exporter(exporter)
+        self.core.wake()  # online again: pending leases may now fit it
+        log.info("exporter online", exporter=me.name, namespace=me.namespace)
+
+    def _went_offline(self, me) -> None:
+        # The last Status stream is gone: show it offline at once (upstream waits for a
+        # minute of silence) so admins and clients see what the scheduler sees.
+        exporter = self.core.store.get_exporter(me.namespace, me.name)
+        if exporter is not None and exporter.status != "Offline":
+            exporter.status, exporter.status_message = "Offline", "connection lost"
+            self.core.store.update_exporter(exporter)
+        log.info("exporter offline", exporter=me.name, namespace=me.namespace)
 
     async def Listen(self, request, context):
         me = await self.core.authenticate(context, "Exporter")

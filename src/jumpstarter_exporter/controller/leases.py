@@ -6,8 +6,9 @@ without a server. It returns the exporters whose "am I leased?" answer changed, 
 service to push down their Status streams.
 
 Reasons follow upstream's controller (protocol-facts §7.3) so upstream clients print the
-same things: Pending (Offline / NotAvailable / NotReady / NoMatch / Scheduled), Ready,
-Unsatisfiable (ExporterNotFound / SelectorMismatch / ExporterDisabled), Released, Expired.
+same things: Pending (Offline / NotAvailable / NotReady / NoMatch / ExporterDisabled /
+Scheduled), Ready, Unsatisfiable (ExporterNotFound / SelectorMismatch), Released, Expired.
+Unlike upstream, a lease whose exporters are all disabled waits (an admin may re-enable one).
 """
 
 from __future__ import annotations
@@ -121,8 +122,9 @@ def next_deadline(store: Store) -> float | None:
     for lease in store.list_leases(active_only=True):
         if lease.exporter and (expiry := lease.expires_at()) is not None:
             times.append(expiry)
-        elif not lease.exporter and lease.begin_time is not None:
-            times.append(lease.begin_time)
+        elif not lease.exporter:
+            # A pending lease starts at its begin time and, unassigned, still ends at its end.
+            times.extend(t for t in (lease.begin_time, lease.end_time) if t is not None)
     return min(times) if times else None
 
 

@@ -51,6 +51,9 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10000),
     ("grpc.http2.max_ping_strikes", 0),
+    # gRPC sets SO_REUSEPORT by default: a second controller on the same port would start
+    # "successfully" and steal half the connections. Fail the bind instead.
+    ("grpc.so_reuseport", 0),
 ]
 
 

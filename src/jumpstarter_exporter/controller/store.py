@@ -13,6 +13,7 @@ waits on I/O worth a thread.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 import uuid
@@ -111,6 +112,9 @@ class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        # Create the file 0600 before SQLite opens it: the -wal and -shm files SQLite makes
+        # next to it copy its mode, and they hold recent commits (token hashes, leases).
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")

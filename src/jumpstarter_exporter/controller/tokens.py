@@ -87,14 +87,22 @@ def verify_router_token(key: bytes, token: str, now: float | None = None) -> Rou
         claims = json.loads(_unb64(claims_b64))
     except (ValueError, json.JSONDecodeError) as exc:
         raise TokenError(f"malformed token ({type(exc).__name__})") from None
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        raise TokenError("malformed token (header or claims not an object)")
     if header.get("alg") != "HS256":
         raise TokenError("unexpected algorithm")
-    if claims.get("iss") != ROUTER_ISSUER or ROUTER_AUDIENCE not in claims.get("aud", []):
+    audience = claims.get("aud", [])
+    if not isinstance(audience, list):
+        audience = [audience]
+    if claims.get("iss") != ROUTER_ISSUER or ROUTER_AUDIENCE not in audience:
         raise TokenError("wrong issuer or audience")
     if not isinstance(claims.get("exp"), int) or claims["exp"] <= now:
         raise TokenError("expired")
-    if claims.get("nbf", 0) > now + 5:  # 5 s of clock skew between processes is tolerated
+    not_before = claims.get("nbf", 0)
+    if not isinstance(not_before, int | float):
+        raise TokenError("malformed nbf")
+    if not_before > now + 5:  # 5 s of clock skew between processes is tolerated
         raise TokenError("not yet valid")
-    if not claims.get("sub"):
+    if not isinstance(claims.get("sub"), str) or not claims["sub"]:
         raise TokenError("no stream id")
     return RouterClaims(claims["sub"], float(claims["exp"]))
