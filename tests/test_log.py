@@ -66,3 +66,17 @@ def test_internal_error_exits_70_with_traceback_in_log(tmp_path, config_env) -> 
     event = json.loads(out.stderr.strip().splitlines()[-1])
     assert event["event"] == "internal error"
     assert "IsADirectoryError" in event["exception"]
+
+
+def test_stdlib_records_are_rendered_like_ours() -> None:
+    """grpc and asyncio log through stdlib logging: those lines must be JSON too."""
+    import logging
+
+    stream = io.StringIO()
+    logsetup.configure("DEBUG", "json", stream=stream)
+    logging.getLogger("grpc.test").warning("socket %s closed", "x", extra={})
+    event = json.loads(stream.getvalue().strip().splitlines()[-1])
+    assert event["event"] == "socket x closed"
+    assert event["level"] == "warning"
+    assert event["logger"] == "grpc.test"
+    assert "ts" in event

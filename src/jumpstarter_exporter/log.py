@@ -60,5 +60,24 @@ def configure(level: str = "INFO", fmt: LogFormat = "auto", stream: Any = None) 
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
-    # Libraries that use stdlib logging (grpc, pysnmp) go to the same stream at the same level.
-    logging.basicConfig(level=numeric, stream=stream, format="%(levelname)s %(name)s: %(message)s")
+    # Libraries that use stdlib logging (grpc, asyncio, pysnmp) go to the same stream, at
+    # the same level and in the same format, so a JSON log stays one JSON object per line.
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                redact,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)

@@ -88,6 +88,11 @@ class RouterService(router_pb2_grpc.RouterServiceServicer):
         sid = claims.stream_id
         if sid in self.used:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "router token already used")
+        # Headers go out now, not piggybacked on the first forwarded frame: otherwise a
+        # status sent while the peer's first write is in flight would carry initial
+        # metadata a second time (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS), and callers learn
+        # at once that the router accepted them.
+        await context.send_initial_metadata(())
         waiting = self.pending.pop(sid, None)
         if waiting is None:
             # First to arrive: wait (at most until the token expires) for the other side.
@@ -125,6 +130,13 @@ class RouterService(router_pb2_grpc.RouterServiceServicer):
             self.active -= 1
             if not pump.done():
                 pump.cancel()
+            log.debug(
+                "router stream closed",
+                stream=pair.stream_id,
+                failed=pair.failed,
+                active=self.active,
+                pending=len(self.pending),
+            )
 
     @staticmethod
     def _pump_done(pair: _Pair, task: asyncio.Task) -> None:
