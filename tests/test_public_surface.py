@@ -49,7 +49,9 @@ def test_config_exports() -> None:
 
 def _commands(group: click.Group, prefix: str = "") -> set[str]:
     found = set()
-    for name, cmd in group.commands.items():
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
         found.add(f"{prefix}{name}")
         if isinstance(cmd, click.Group):
             found |= _commands(cmd, f"{prefix}{name} ")
@@ -75,7 +77,8 @@ def test_cli_commands() -> None:
 
 
 def test_upstream_flags_exist() -> None:
-    create = jmp.commands["config"].commands["client"].commands["create"]
+    ctx = click.Context(jmp)
+    create = jmp.get_command(ctx, "config").commands["client"].commands["create"]
     flags = {opt for p in create.params for opt in p.opts}
     assert {
         "--out",

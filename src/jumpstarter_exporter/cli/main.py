@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
@@ -11,10 +12,28 @@ from jumpstarter_exporter import __version__
 from jumpstarter_exporter import log as logsetup
 from jumpstarter_exporter.errors import ExitCode, JumpstarterError
 
+# Sub-commands are imported when used: the exporter restarts after every lease, and
+# `jmp run` should not pay for importing the controller (cryptography, SQLite) each time.
+COMMANDS = {
+    "config": "jumpstarter_exporter.cli.config_cmd:config",
+    "controller": "jumpstarter_exporter.cli.controller_cmd:controller",
+    "run": "jumpstarter_exporter.cli.run_cmd:run",
+}
+
 
 class JmpGroup(click.Group):
     """Maps our exception tree onto exit codes: a clear line for user errors, never a
     traceback; a traceback and 70 only for bugs."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -50,17 +69,6 @@ class JmpGroup(click.Group):
 def jmp(log_level: str, log_format: str) -> None:
     """Jumpstarter: put lab hardware on the network for remote test clients."""
     logsetup.configure(log_level, log_format)  # type: ignore[arg-type]
-
-
-def _register() -> None:
-    from jumpstarter_exporter.cli.config_cmd import config
-    from jumpstarter_exporter.cli.controller_cmd import controller
-
-    jmp.add_command(config)
-    jmp.add_command(controller)
-
-
-_register()
 
 
 def main() -> None:
