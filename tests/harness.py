@@ -192,3 +192,74 @@ def upstream_env(venv: Path, base: dict[str, str], home: Path) -> dict[str, str]
     env["JMP_CLIENT_CONFIG_HOME"] = str(home)
     env.pop("VIRTUAL_ENV", None)
     return env
+
+
+class NotifySocket:
+    """A real sd_notify datagram socket, as systemd provides in ``$NOTIFY_SOCKET``."""
+
+    def __init__(self, directory: Path) -> None:
+        import socket
+
+        self.path = directory / "notify.sock"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.path))
+        self.sock.settimeout(0.05)
+        self.messages: list[str] = []
+
+    def poll(self) -> list[str]:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                return self.messages
+            self.messages.extend(data.decode().split("\n"))
+
+    def seen(self, field: str) -> bool:
+        return field in self.poll()
+
+    def statuses(self) -> list[str]:
+        return [m.removeprefix("STATUS=") for m in self.poll() if m.startswith("STATUS=")]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class ExporterProcess:
+    """Our ``jmp run`` as a real process with JSON logs in a file."""
+
+    proc: subprocess.Popen
+    log_path: Path
+
+    def events(self) -> list[dict]:
+        out = []
+        for line in self.log_path.read_bytes().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    def has_event(self, name: str) -> bool:
+        return any(e.get("event") == name for e in self.events())
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+def start_exporter(
+    config: Path, env: dict[str, str], log_path: Path, *args: str
+) -> ExporterProcess:
+    log = log_path.open("ab")
+    proc = subprocess.Popen(
+        [str(JMP), "--log-format", "json", "run", "--exporter-config", str(config), *args],
+        env=env,
+        stdout=log,
+        stderr=log,
+    )
+    log.close()
+    return ExporterProcess(proc, log_path)

@@ -305,3 +305,19 @@ def test_edit_never_installs_an_invalid_file(jmp, config_env, tmp_path: Path) ->
     assert rejected.read_text() == before + "grpcConfig: {}\n"
     out = jmp("config", "exporter", "edit", "ghost", env={"EDITOR": editor})
     assert out.returncode == 1
+
+
+def test_check_validates_driver_config(jmp, config_env) -> None:
+    assert jmp("config", "exporter", "create", "drv", *EXPORTER_OPTS).returncode == 0
+    path = paths.user_exporter_path("drv")
+    text = path.read_text().replace(
+        "export: {}",
+        "export:\n  serial:\n    type: jumpstarter_driver_pyserial.driver.PySerial\n"
+        "    config: {url: 'loop://', baudrate: fast}\n"
+        "  power:\n    type: nowhere.Nothing",
+    )
+    path.write_text(text)
+    out = jmp("config", "exporter", "check", "drv")
+    assert out.returncode == 78
+    assert "export.serial.config.baudrate" in out.stderr
+    assert "export.power.type: unknown driver type 'nowhere.Nothing'" in out.stderr

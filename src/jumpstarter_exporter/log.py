@@ -38,6 +38,27 @@ def redact(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+# Sinks see every rendered-to-be event (after redaction): a lease session forwards them to
+# its clients' LogStream. Plain functions, called on the logging thread; they must not block.
+_SINKS: list = []
+
+
+def add_sink(sink) -> None:
+    _SINKS.append(sink)
+
+
+def remove_sink(sink) -> None:
+    if sink in _SINKS:
+        _SINKS.remove(sink)
+
+
+def _to_sinks(_logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    if _SINKS and method not in ("debug", "trace"):
+        for sink in list(_SINKS):
+            sink(method, dict(event))
+    return event
+
+
 def configure(level: str = "INFO", fmt: LogFormat = "auto", stream: Any = None) -> None:
     stream = stream or sys.stderr
     as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
@@ -54,6 +75,7 @@ def configure(level: str = "INFO", fmt: LogFormat = "auto", stream: Any = None) 
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
             structlog.processors.format_exc_info,
             redact,
+            _to_sinks,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -479,6 +479,11 @@ def exporter_check(
     if (alias is None) == (exporter_config is None):
         raise click.UsageError("give exactly one of ALIAS or --exporter-config")
     loaded = load_exporter(alias=alias, path=exporter_config)
+    from jumpstarter_exporter.drivers.registry import validate
+
+    problems = validate(loaded.config)
+    if problems:
+        raise ConfigError("invalid driver configuration", path=loaded.path, problems=problems)
     notes = [
         f"{key} is not set: needed to connect to a controller (not for --tls-grpc-listener)"
         for key in loaded.config.missing_for_controller()

@@ -17,6 +17,7 @@ Trust decision, in order (protocol-facts §2.4):
 from __future__ import annotations
 
 import _ssl
+import asyncio
 import os
 import socket
 import ssl
@@ -140,8 +141,29 @@ def secure_channel(
     call_credentials: grpc.CallCredentials | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> grpc.aio.Channel:
-    """One long-lived asyncio channel to a controller or router (always TLS)."""
+    """One long-lived asyncio channel to a controller or router (always TLS).
+
+    Call it on the event loop's thread. In insecure mode it probes the server (blocking, 5 s
+    at most); from async code prefer ``open_secure_channel``, which probes in a thread.
+    """
     creds = credentials(endpoint, tls, environ)
+    return _channel(endpoint, creds, grpc_options, call_credentials)
+
+
+async def open_secure_channel(
+    endpoint: str,
+    tls: TLSConfig,
+    grpc_options: GrpcOptions | None = None,
+    call_credentials: grpc.CallCredentials | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> grpc.aio.Channel:
+    """``secure_channel`` without blocking the loop: the trust decision (which may probe the
+    server) runs in a thread, the channel is made on the loop (grpc.aio requires it)."""
+    creds = await asyncio.to_thread(credentials, endpoint, tls, environ)
+    return _channel(endpoint, creds, grpc_options, call_credentials)
+
+
+def _channel(endpoint, creds, grpc_options, call_credentials) -> grpc.aio.Channel:
     if call_credentials is not None:
         creds = grpc.composite_channel_credentials(creds, call_credentials)
     return grpc.aio.secure_channel(endpoint, creds, options=channel_options(grpc_options))

@@ -1,0 +1,421 @@
+"""The exporter's lifecycle, one explicit state machine (uvicorn-style)::
+
+    STARTING ─► REGISTERING ─► AVAILABLE ─► LEASED ─► DRAINING ─► exit 0
+       │ bad config    │ auth refused / budget spent             ▲
+       ▼               ▼                                         │ SIGTERM/SIGINT (2nd: force)
+    exit 78         exit 77 / 69                                 │ SIGHUP: after the lease
+
+- READY=1 goes to systemd on the first entry to AVAILABLE, never before (so a bad token or
+  an unreachable controller never looks "started"); every state sets STATUS=.
+- After a lease is released the process exits 0 (unless ``exitOnLeaseEnd: false``), so its
+  service manager starts it fresh: no driver state leaks from one user to the next.
+- The controller may go away at any time: streams reconnect with backoff; an active lease
+  keeps serving meanwhile; an idle exporter gives up after ``controller_budget`` seconds
+  (exit 69) and lets systemd restart it, instead of hanging silently.
+- Status reports are latest-wins and re-sent after every reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import uuid as uuidlib
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+import structlog
+
+from jumpstarter_exporter._proto.jumpstarter.v1 import common_pb2
+from jumpstarter_exporter.config.models import ExporterConfig
+from jumpstarter_exporter.drivers.base import Driver
+from jumpstarter_exporter.drivers.registry import build_tree
+from jumpstarter_exporter.errors import (
+    ConfigError,
+    ControllerUnavailable,
+    ExitCode,
+    JumpstarterError,
+)
+from jumpstarter_exporter.exporter.backoff import Backoff
+from jumpstarter_exporter.exporter.link import ControllerLink, classify
+from jumpstarter_exporter.exporter.notify import Notifier
+from jumpstarter_exporter.exporter.session import Session
+from jumpstarter_exporter.wire import frames
+from jumpstarter_exporter.wire.channel import open_secure_channel
+
+log = structlog.get_logger("jumpstarter.exporter")
+
+S = common_pb2  # status names: S.EXPORTER_STATUS_AVAILABLE, …
+
+
+@dataclass
+class RunOptions:
+    exit_after_lease: bool = True
+    controller_budget: float = 300.0  # seconds an idle exporter tries an absent controller
+    stop_grace: float = 10.0  # seconds for a graceful stop before we give up on goodbyes
+
+
+class _Novelty:
+    """Log the first failure of a kind at WARNING and its repeats at DEBUG."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def warn(self, kind: str, message: str, **fields) -> None:
+        level = log.debug if kind in self.seen else log.warning
+        self.seen.add(kind)
+        level(message, **fields)
+
+    def clear(self, kind: str) -> None:
+        self.seen.discard(kind)
+
+
+class StatusReporter:
+    """Latest-wins ReportStatus: a newer status replaces a pending one; failures retry."""
+
+    def __init__(self, link: ControllerLink) -> None:
+        self.link = link
+        self.wanted: tuple[int, str] | None = None
+        self.sent: tuple[int, str] | None = None
+        self.changed = asyncio.Event()
+        self.flushed = asyncio.Event()
+
+    def set(self, code: int, message: str) -> None:
+        self.wanted = (code, message)
+        self.flushed.clear()
+        self.changed.set()
+
+    def resend(self) -> None:
+        """After a reconnect the controller may have lost our state: send it again."""
+        if self.wanted is not None:
+            self.sent = None
+            self.flushed.clear()
+            self.changed.set()
+
+    async def run(self) -> None:
+        backoff = Backoff(initial=0.5, cap=10.0)
+        while True:
+            await self.changed.wait()
+            self.changed.clear()
+            wanted = self.wanted
+            if wanted is None or wanted == self.sent:
+                self.flushed.set()
+                continue
+            try:
+                await self.link.report_status(*wanted)
+            except (grpc.aio.AioRpcError, ConnectionError) as exc:
+                log.debug("status report failed, will retry", error=str(exc))
+                await asyncio.sleep(backoff.next_delay())
+                self.changed.set()
+                continue
+            backoff.reset()
+            self.sent = wanted
+            if self.wanted == wanted:
+                self.flushed.set()
+
+
+class Exporter:
+    def __init__(self, config: ExporterConfig, options: RunOptions, notifier: Notifier) -> None:
+        missing = config.missing_for_controller()
+        if missing:
+            raise ConfigError(
+                f"{', '.join(missing)} not set: needed to connect to a controller "
+                "(or run standalone with --tls-grpc-listener)"
+            )
+        self.config = config
+        self.options = options
+        self.notifier = notifier
+        self.uuid = str(uuidlib.uuid4())
+        self.name = config.metadata.name
+        # HEAD's labels; a 0.9 controller keeps only jumpstarter.dev/ keys, so this is safe.
+        self.labels = {"jumpstarter.dev/name": self.name}
+        self.root: Driver = build_tree(config)
+        self.link = ControllerLink(config)
+        self.reporter = StatusReporter(self.link)
+        self.registered = False
+        self.lease: str | None = None
+        self.client: str | None = None
+        self.lease_ended = asyncio.Event()
+        self.stop_requested = asyncio.Event()
+        self.stop_after_lease = False
+        self.leases_served = 0
+        self.novelty = _Novelty()
+        self.router_channels: dict[str, grpc.aio.Channel] = {}
+        self._lease_task: asyncio.Task | None = None
+        self._signals = 0
+
+    # --- public -------------------------------------------------------------------------
+
+    async def run(self) -> ExitCode:
+        structlog.contextvars.bind_contextvars(exporter=self.name)
+        self._install_signals()
+        try:
+            self.notifier.status("registering with the controller")
+            await self._register()
+            if self.stop_requested.is_set():
+                return ExitCode.OK
+            self.notifier.ready("waiting for lease")
+            log.info("ready", endpoint=self.config.endpoint)
+            async with asyncio.TaskGroup() as tasks:
+                workers = [
+                    tasks.create_task(self.notifier.watchdog()),
+                    tasks.create_task(self.reporter.run()),
+                    tasks.create_task(self._status_loop()),
+                ]
+                await self.stop_requested.wait()
+                await self._drain()
+                for worker in workers:
+                    worker.cancel()
+            return ExitCode.OK
+        except* JumpstarterError as group:
+            raise group.exceptions[0] from None
+        finally:
+            await self._goodbye()
+
+    def request_stop(self, reason: str) -> None:
+        if not self.stop_requested.is_set():
+            log.info("stopping", reason=reason)
+            self.notifier.stopping(reason)
+            self.stop_requested.set()
+
+    # --- registration -------------------------------------------------------------------
+
+    async def _register(self) -> None:
+        backoff = Backoff()
+        attempts = 0
+        reports = [driver.report(parent, name) for driver, parent, name in self.root.walk()]
+        while not self.stop_requested.is_set():
+            attempts += 1
+            try:
+                await self.link.connect()
+                await self.link.register(self.labels, reports)
+                self.registered = True
+                await self.link.report_status(
+                    S.EXPORTER_STATUS_AVAILABLE, "Exporter registered and available"
+                )
+                self.reporter.set(S.EXPORTER_STATUS_AVAILABLE, "Exporter registered and available")
+                self.reporter.sent = self.reporter.wanted
+                log.info("registered", devices=len(reports), attempts=attempts)
+                return
+            except grpc.aio.AioRpcError as exc:
+                if (fatal := classify(exc, "registration", self.config)) is not None:
+                    raise fatal from None
+                error = f"{exc.code().name}: {exc.details()}"
+            except (ConnectionError, OSError) as exc:
+                error = str(exc)
+            if backoff.failing_for() >= self.options.controller_budget:
+                raise ControllerUnavailable(
+                    f"controller {self.config.endpoint} unreachable for "
+                    f"{backoff.failing_for():.0f} s ({attempts} attempts); last error: {error}"
+                )
+            delay = backoff.next_delay()
+            self.notifier.status(f"controller unreachable, retrying in {delay:.0f} s")
+            self.novelty.warn(
+                "register", "controller unreachable", error=error, retry_in=round(delay, 1)
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_requested.wait(), delay)
+
+    # --- the Status stream ---------------------------------------------------------------
+
+    async def _status_loop(self) -> None:
+        backoff = Backoff()
+        while True:
+            try:
+                call = self.link.status_stream()
+                async for message in call:
+                    if backoff.attempt:
+                        log.info("controller reachable again")
+                        self.reporter.resend()
+                    backoff.reset()
+                    self.novelty.clear("status")
+                    self._on_status(message)
+                log.debug("status stream ended by the controller; reconnecting")
+                continue
+            except grpc.aio.AioRpcError as exc:
+                if (fatal := classify(exc, "the status stream", self.config)) is not None:
+                    raise fatal from None
+                error = f"{exc.code().name}: {exc.details()}"
+            if self.lease is None and backoff.failing_for() >= self.options.controller_budget:
+                raise ControllerUnavailable(
+                    f"controller {self.config.endpoint} unreachable for "
+                    f"{backoff.failing_for():.0f} s; last error: {error}"
+                )
+            delay = backoff.next_delay()
+            self.novelty.warn(
+                "status", "lost the controller", error=error, retry_in=round(delay, 1)
+            )
+            self.notifier.status(
+                f"controller unreachable, retrying in {delay:.0f} s"
+                + (f" (lease {self.lease} still served)" if self.lease else "")
+            )
+            await asyncio.sleep(delay)
+
+    def _on_status(self, message) -> None:
+        if message.leased and message.lease_name:
+            if self.lease is None and self._lease_task is None:
+                self.lease, self.client = message.lease_name, message.client_name
+                self.lease_ended.clear()
+                self._lease_task = asyncio.get_running_loop().create_task(
+                    self._serve_lease(message.lease_name, message.client_name)
+                )
+            elif message.lease_name != self.lease:
+                log.warning(
+                    "ignoring a second lease while one is active",
+                    lease=self.lease,
+                    other=message.lease_name,
+                )
+        elif not message.leased:
+            if self.lease is not None:
+                self.lease_ended.set()
+            elif self.stop_after_lease and self._lease_task is None:
+                self.request_stop("SIGHUP while idle")
+
+    # --- a lease ------------------------------------------------------------------------
+
+    async def _serve_lease(self, lease: str, client: str) -> None:
+        # This task runs in its own context copy: the binding ends with the task.
+        structlog.contextvars.bind_contextvars(lease=lease, client=client)
+        session = Session(self.root, self.uuid, self.labels, self.config.motd or "")
+        try:
+            await session.start_unix()
+            log.info("lease started")
+            tunnels: set[asyncio.Task] = set()
+            listener = asyncio.ensure_future(self._listen(lease, session, tunnels))
+            try:
+                self._set_status(session, S.EXPORTER_STATUS_LEASE_READY, "Ready for commands")
+                self.notifier.status(f"leased by {client} (lease {lease})")
+                await self._until_lease_over(session)
+            finally:
+                # This coroutine owns the listener and every tunnel it started.
+                for task in (listener, *tunnels):
+                    task.cancel()
+                await asyncio.gather(listener, *tunnels, return_exceptions=True)
+        finally:
+            await session.stop(grace=1.0)
+            await self.root.aclose()
+            self.leases_served += 1
+            log.info("lease ended")
+            self.lease = self.client = None
+            self._lease_task = None
+            if not self.stop_requested.is_set():
+                self.reporter.set(S.EXPORTER_STATUS_AVAILABLE, "Available for new lease")
+                if self.options.exit_after_lease:
+                    self.request_stop("lease released: exiting to start fresh")
+                elif self.stop_after_lease:
+                    self.request_stop("SIGHUP: the lease is over")
+                else:
+                    self.notifier.status("waiting for lease")
+
+    async def _until_lease_over(self, session: Session) -> None:
+        """Wait for the release (leased=false) or a stop; EndSession only reports AVAILABLE
+        while the lease is still held (upstream's order), the release follows."""
+        ended = asyncio.ensure_future(self.lease_ended.wait())
+        stopping = asyncio.ensure_future(self.stop_requested.wait())
+        end_session = asyncio.ensure_future(session.end_requested.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {ended, stopping, end_session}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if end_session in done and ended not in done and stopping not in done:
+                self._set_status(session, S.EXPORTER_STATUS_AVAILABLE, "Available for new lease")
+                await asyncio.wait({ended, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (ended, stopping, end_session):
+                waiter.cancel()
+
+    def _set_status(self, session: Session, code: int, message: str) -> None:
+        session.set_status(code, message)
+        self.reporter.set(code, message)
+
+    async def _listen(self, lease: str, session: Session, tunnels: set[asyncio.Task]) -> None:
+        backoff = Backoff()
+        while True:
+            try:
+                async for message in self.link.listen(lease):
+                    backoff.reset()
+                    task = asyncio.ensure_future(self._tunnel(session, message))
+                    tunnels.add(task)
+                    task.add_done_callback(tunnels.discard)
+                log.debug("listen stream ended; reconnecting")
+            except grpc.aio.AioRpcError as exc:
+                self.novelty.warn(
+                    "listen", "listen stream failed", error=f"{exc.code().name}: {exc.details()}"
+                )
+                await asyncio.sleep(backoff.next_delay())
+
+    async def _router_channel(self, endpoint: str) -> grpc.aio.Channel:
+        """One long-lived channel per router (upstream opens one per connection)."""
+        channel = self.router_channels.get(endpoint)
+        if channel is None:
+            channel = await open_secure_channel(endpoint, self.config.tls, self.config.grpcOptions)
+            self.router_channels[endpoint] = channel
+        return channel
+
+    async def _tunnel(self, session: Session, message) -> None:
+        """One client connection: the router stream bridged onto the session's socket."""
+        try:
+            assert session.socket_path is not None
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(str(session.socket_path)), 5
+            )
+            channel = await self._router_channel(message.router_endpoint)
+            await frames.bridge_to_router(reader, writer, channel, message.router_token)
+        except (OSError, grpc.aio.AioRpcError, TimeoutError, ConnectionError) as exc:
+            log.info("client connection failed", error=str(exc))
+
+    # --- stopping -----------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        if self._lease_task is not None:
+            self.lease_ended.set()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._lease_task), self.options.stop_grace)
+
+    async def _goodbye(self) -> None:
+        """Tell the controller we are going, within a bound: a dead controller must not
+        keep a stopping exporter alive."""
+        try:
+            if self.registered:
+                async with asyncio.timeout(5):
+                    await self.link.report_status(
+                        S.EXPORTER_STATUS_OFFLINE, "Exporter shutting down"
+                    )
+                    await self.link.unregister("Exporter shutdown")
+        except (grpc.aio.AioRpcError, TimeoutError, ConnectionError) as exc:
+            log.debug("could not say goodbye to the controller", error=str(exc))
+        finally:
+            for channel in self.router_channels.values():
+                await channel.close()
+            await self.link.close()
+            await self.root.aclose()
+            self._remove_signals()
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+
+    def _remove_signals(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP and not self.stop_requested.is_set():
+            if self.lease is None:
+                self.request_stop("SIGHUP while idle")
+            else:
+                log.info("SIGHUP: exiting after the current lease", lease=self.lease)
+                self.stop_after_lease = True
+                self.notifier.status(f"leased by {self.client}; exiting after this lease")
+            return
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second signal: exiting now", signal=name)
+            os._exit(128 + signum)
+        self.request_stop(name)

@@ -1,0 +1,111 @@
+"""Standalone mode (``jmp run --tls-grpc-listener``): one session served directly over TCP,
+no controller. Clients connect with ``JUMPSTARTER_HOST=host:port`` (upstream's §3.16)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import signal
+import uuid as uuidlib
+
+import grpc
+import grpc.aio
+import structlog
+
+from jumpstarter_exporter._proto.jumpstarter.v1 import common_pb2
+from jumpstarter_exporter.config.models import ExporterConfig
+from jumpstarter_exporter.drivers.registry import build_tree
+from jumpstarter_exporter.errors import ConfigError, ExitCode
+from jumpstarter_exporter.exporter.notify import Notifier
+from jumpstarter_exporter.exporter.session import Session
+
+log = structlog.get_logger("jumpstarter.exporter")
+
+PASSPHRASE_HEADER = "x-jumpstarter-passphrase"
+
+
+class PassphraseInterceptor(grpc.aio.ServerInterceptor):
+    """Every call must carry ``x-jumpstarter-passphrase`` (compared in constant time)."""
+
+    def __init__(self, passphrase: str) -> None:
+        self._expected = passphrase.encode()
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        given = dict(details.invocation_metadata or ()).get(PASSPHRASE_HEADER, "")
+        if isinstance(given, str) and hmac.compare_digest(given.encode(), self._expected):
+            return handler
+        if handler is None:
+            return None
+
+        async def deny(_request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid or missing passphrase")
+
+        async def deny_stream(_request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid or missing passphrase")
+            yield  # pragma: no cover - makes this an async generator
+
+        kind = (handler.request_streaming, handler.response_streaming)
+        factory = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[kind]
+        return factory(deny_stream if kind[1] else deny)
+
+
+def parse_listener(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = "0.0.0.0", value
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"--tls-grpc-listener {value!r}: port must be a number") from None
+    if not 1 <= number <= 65535:
+        raise ConfigError(f"--tls-grpc-listener {value!r}: port must be 1-65535")
+    return host.strip("[]") or "0.0.0.0", number
+
+
+async def serve_standalone(
+    config: ExporterConfig,
+    listener: str,
+    notifier: Notifier,
+    *,
+    cert_pem: bytes | None = None,
+    key_pem: bytes | None = None,
+    passphrase: str | None = None,
+) -> ExitCode:
+    host, port = parse_listener(listener)
+    credentials = None
+    if cert_pem is not None and key_pem is not None:
+        credentials = grpc.ssl_server_credentials([(key_pem, cert_pem)])
+    elif passphrase:
+        log.warning("--passphrase travels in clear text without TLS")
+    root = build_tree(config)
+    session = Session(root, str(uuidlib.uuid4()), {}, config.motd or "")
+    interceptors = [PassphraseInterceptor(passphrase)] if passphrase else []
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = await session.start_tcp(address, credentials, interceptors)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen on {address}: {exc}") from None
+    session.set_status(common_pb2.EXPORTER_STATUS_LEASE_READY, "Ready for commands")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(signum, stop.set)
+    notifier.ready(f"serving standalone on {host}:{bound}")
+    log.info("serving standalone", host=host, port=bound, tls=credentials is not None)
+    watchdog = asyncio.ensure_future(notifier.watchdog())
+    try:
+        await stop.wait()
+    finally:
+        notifier.stopping()
+        watchdog.cancel()
+        await session.stop(grace=1.0)
+        await root.aclose()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
+    return ExitCode.OK
