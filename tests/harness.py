@@ -34,7 +34,14 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1, what: str 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+        try:
+            # A process started in its own session is stopped with all its children.
+            if os.getpgid(proc.pid) == proc.pid:
+                os.killpg(proc.pid, signal.SIGTERM)
+            else:
+                proc.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            return
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -16,6 +16,7 @@ def test_exit_codes_are_an_api() -> None:
         "USAGE": 2,
         "UNAVAILABLE": 69,
         "SOFTWARE": 70,
+        "HOOK_EXIT": 75,
         "NOPERM": 77,
         "CONFIG": 78,
     }

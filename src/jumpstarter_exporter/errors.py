@@ -15,6 +15,7 @@ shipped systemd units (``RestartPreventExitStatus=78``) can rely on it::
     │   └── DeviceBusy
     └── DriverCallError        driver, method                      → 70
     anything else (a bug)                                          → 70 (EX_SOFTWARE)
+    a lease hook with ``onFailure: exit`` failed                  → 75 (EX_TEMPFAIL)
 
 The numbers follow BSD ``sysexits.h``; 1 keeps upstream's status for "the alias you named
 does not exist / already exists", so scripts written for upstream ``jmp config`` keep working.
@@ -36,6 +37,7 @@ class ExitCode(IntEnum):
     USAGE = 2  # bad command-line usage (click)
     UNAVAILABLE = 69  # controller unreachable past the configured budget
     SOFTWARE = 70  # internal error: a bug, reported with a traceback
+    HOOK_EXIT = 75  # a lease hook with onFailure: exit failed (EX_TEMPFAIL: restart me)
     NOPERM = 77  # the controller refused our credentials
     CONFIG = 78  # invalid configuration: restarting will not help
 

@@ -59,8 +59,11 @@ def run(
     passphrase: str | None,
 ) -> None:
     """Run an exporter: register, serve a lease, exit when it is released."""
-    if (alias is None) == (path is None):
-        raise click.UsageError("one of --exporter, --exporter-config should be specified")
+    # upstream's exact texts (scripts and tests match them)
+    if alias is None and path is None:
+        raise click.BadParameter("one of --exporter, --exporter-config should be specified")
+    if alias is not None and path is not None:
+        raise click.BadParameter("only one of --exporter, --exporter-config should be specified")
     if listener is None and (tls_grpc_insecure or tls_cert or tls_key or passphrase):
         raise click.UsageError(
             "--tls-grpc-insecure, --tls-cert, --tls-key, and --passphrase require "

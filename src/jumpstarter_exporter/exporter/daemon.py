@@ -38,7 +38,9 @@ from jumpstarter_exporter.errors import (
     ExitCode,
     JumpstarterError,
 )
+from jumpstarter_exporter.exporter import hooks
 from jumpstarter_exporter.exporter.backoff import Backoff
+from jumpstarter_exporter.exporter.hooks import HookResult
 from jumpstarter_exporter.exporter.link import ControllerLink, classify
 from jumpstarter_exporter.exporter.notify import Notifier
 from jumpstarter_exporter.exporter.session import Session
@@ -48,6 +50,16 @@ from jumpstarter_exporter.wire.channel import open_secure_channel
 log = structlog.get_logger("jumpstarter.exporter")
 
 S = common_pb2  # status names: S.EXPORTER_STATUS_AVAILABLE, …
+
+STATUS_SEEN_TIMEOUT = 3.0  # how long we wait for a client to read our final status
+
+# ReleaseLease answers from controllers that predate it: fall back to the old path (§3.12).
+FALLBACK_CODES = {
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.UNIMPLEMENTED,
+}
 
 
 @dataclass
@@ -145,6 +157,7 @@ class Exporter:
         self.router_channels: dict[str, grpc.aio.Channel] = {}
         self._lease_task: asyncio.Task | None = None
         self._signals = 0
+        self.exit_code = ExitCode.OK
 
     # --- public -------------------------------------------------------------------------
 
@@ -168,7 +181,7 @@ class Exporter:
                 await self._drain()
                 for worker in workers:
                     worker.cancel()
-            return ExitCode.OK
+            return self.exit_code
         except* JumpstarterError as group:
             raise group.exceptions[0] from None
         finally:
@@ -229,6 +242,7 @@ class Exporter:
                     if backoff.attempt:
                         log.info("controller reachable again")
                         self.reporter.resend()
+                        self.notifier.status(self._steady_status())
                     backoff.reset()
                     self.novelty.clear("status")
                     self._on_status(message)
@@ -252,6 +266,14 @@ class Exporter:
                 + (f" (lease {self.lease} still served)" if self.lease else "")
             )
             await asyncio.sleep(delay)
+
+    def _steady_status(self) -> str:
+        """The sd_notify STATUS for the current state when nothing is wrong."""
+        if self.lease is None:
+            return "waiting for lease"
+        if self.stop_after_lease:
+            return f"leased by {self.client}; exiting after this lease"
+        return f"leased by {self.client} (lease {self.lease})"
 
     def _on_status(self, message) -> None:
         if message.leased and message.lease_name:
@@ -285,9 +307,9 @@ class Exporter:
             tunnels: set[asyncio.Task] = set()
             listener = asyncio.ensure_future(self._listen(lease, session, tunnels))
             try:
-                self._set_status(session, S.EXPORTER_STATUS_LEASE_READY, "Ready for commands")
                 self.notifier.status(f"leased by {client} (lease {lease})")
-                await self._until_lease_over(session)
+                run_after = await self._before_lease(session, lease, client)
+                await self._until_lease_over(session, lease, client, run_after)
             finally:
                 # This coroutine owns the listener and every tunnel it started.
                 for task in (listener, *tunnels):
@@ -309,9 +331,132 @@ class Exporter:
                 else:
                     self.notifier.status("waiting for lease")
 
-    async def _until_lease_over(self, session: Session) -> None:
-        """Wait for the release (leased=false) or a stop; EndSession only reports AVAILABLE
-        while the lease is still held (upstream's order), the release follows."""
+    async def _hook(self, session: Session, phase: str, lease: str, client: str) -> HookResult:
+        hook = (
+            self.config.hooks.before_lease
+            if phase == "beforeLease"
+            else (self.config.hooks.after_lease)
+        )
+        assert hook is not None
+        source = (
+            S.LOG_SOURCE_BEFORE_LEASE_HOOK
+            if phase == "beforeLease"
+            else S.LOG_SOURCE_AFTER_LEASE_HOOK
+        )
+        env = hooks.environment(str(session.socket_path), lease, client)
+        result = await hooks.run_hook(hook, phase, env, lambda line: session.publish(line, source))
+        log.info("hook finished", hook=phase, ok=result.ok, message=result.message)
+        return result
+
+    async def _before_lease(self, session: Session, lease: str, client: str) -> bool:
+        """Run beforeLease (if any) and open the session to clients. Returns whether the
+        afterLease hook should run at the end (not after an endLease/exit failure)."""
+        hook = self.config.hooks.before_lease
+        if hook is None:
+            self._set_status(session, S.EXPORTER_STATUS_LEASE_READY, "Ready for commands")
+            session.clients_allowed.set()
+            return True
+        self._set_status(session, S.EXPORTER_STATUS_BEFORE_LEASE_HOOK, "Running beforeLease hook")
+        # Clients may already dial in (BeforeLeaseHook is dialable); their tunnels wait.
+        result = await self._hook(session, "beforeLease", lease, client)
+        if self.lease_ended.is_set():
+            return False
+        if result.ok or hook.on_failure == "warn":
+            message = (
+                "Ready for commands"
+                if result.ok
+                else (f"[HOOK_WARNING] beforeLease hook warning: {result.message}")
+            )
+            self._set_status(session, S.EXPORTER_STATUS_LEASE_READY, message)
+            session.clients_allowed.set()
+            return True
+        failed = S.EXPORTER_STATUS_BEFORE_LEASE_HOOK_FAILED
+        # Clients may connect now, but only to read the failure: driver calls stay refused.
+        session.clients_allowed.set()
+        if hook.on_failure == "endLease":
+            self._set_status(
+                session, failed, f"beforeLease hook failed (on_failure=endLease): {result.message}"
+            )
+            await self._let_client_see(session)
+            await self._release(lease, session)
+            return False
+        self._set_status(
+            session,
+            failed,
+            f"beforeLease hook failed (on_failure=exit, shutting down): {result.message}",
+        )
+        await self._let_client_see(session)
+        self.reporter.set(
+            S.EXPORTER_STATUS_OFFLINE, "Exporter shutting down due to beforeLease hook failure"
+        )
+        self.exit_code = ExitCode.HOOK_EXIT
+        self.request_stop("beforeLease hook failed with onFailure: exit")
+        return False
+
+    async def _after_lease(self, session: Session, lease: str, client: str) -> None:
+        hook = self.config.hooks.after_lease
+        if hook is None:
+            self._set_status(session, S.EXPORTER_STATUS_AVAILABLE, "Available for new lease")
+            return
+        self._set_status(session, S.EXPORTER_STATUS_AFTER_LEASE_HOOK, "Running afterLease hooks")
+        result = await self._hook(session, "afterLease", lease, client)
+        if result.ok or hook.on_failure == "warn":
+            message = (
+                "Available for new lease"
+                if result.ok
+                else (f"[HOOK_WARNING] afterLease hook warning: {result.message}")
+            )
+            self._set_status(session, S.EXPORTER_STATUS_AVAILABLE, message)
+        elif hook.on_failure == "endLease":
+            self._set_status(
+                session,
+                S.EXPORTER_STATUS_AFTER_LEASE_HOOK_FAILED,
+                f"afterLease hook failed (on_failure=endLease): {result.message}",
+            )
+        else:
+            self._set_status(
+                session,
+                S.EXPORTER_STATUS_AFTER_LEASE_HOOK_FAILED,
+                f"afterLease hook failed (on_failure=exit, shutting down): {result.message}",
+            )
+            self.reporter.set(
+                S.EXPORTER_STATUS_OFFLINE, "Exporter shutting down due to afterLease hook failure"
+            )
+            self.exit_code = ExitCode.HOOK_EXIT
+            self.request_stop("afterLease hook failed with onFailure: exit")
+
+    @staticmethod
+    async def _let_client_see(session: Session) -> None:
+        """Upstream's client polls GetStatus until it reads a final status (AVAILABLE or a
+        hook failure); ending the session first would cut its tunnel and leave it waiting
+        for minutes (upstream sleeps 1 s instead). Bounded: a client may never ask."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STATUS_SEEN_TIMEOUT):
+                await session.wait_status_seen()
+
+    async def _release(self, lease: str, session: Session) -> None:
+        """Release our own lease (ReleaseLease as the exporter; old controllers: the
+        deprecated ReportStatus(release_lease=true) path, protocol-facts §3.12)."""
+        try:
+            await self.link.release_lease(lease)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in FALLBACK_CODES:
+                log.warning("could not release the lease", error=exc.details())
+                return
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self.link.report_status(
+                    session.status.code,
+                    "Lease released (compat: ReportStatus with release_lease)",
+                    release_lease=True,
+                )
+        log.info("released the lease")
+
+    async def _until_lease_over(
+        self, session: Session, lease: str, client: str, run_after: bool
+    ) -> None:
+        """Wait for the release (leased=false) or a stop. EndSession first runs afterLease
+        and reports AVAILABLE while the lease is still held (upstream's order); with an
+        afterLease hook we then release the lease ourselves, as upstream does."""
         ended = asyncio.ensure_future(self.lease_ended.wait())
         stopping = asyncio.ensure_future(self.stop_requested.wait())
         end_session = asyncio.ensure_future(session.end_requested.wait())
@@ -320,8 +465,19 @@ class Exporter:
                 {ended, stopping, end_session}, return_when=asyncio.FIRST_COMPLETED
             )
             if end_session in done and ended not in done and stopping not in done:
-                self._set_status(session, S.EXPORTER_STATUS_AVAILABLE, "Available for new lease")
+                if run_after:
+                    await self._after_lease(session, lease, client)
+                    run_after = False
+                    if (
+                        self.config.hooks.after_lease is not None
+                        and not self.stop_requested.is_set()
+                    ):
+                        await self._let_client_see(session)
+                        await self._release(lease, session)
                 await asyncio.wait({ended, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if run_after and self.config.hooks.after_lease is not None:
+                # The lease ended (expiry, release) without EndSession: clean up now.
+                await self._after_lease(session, lease, client)
         finally:
             for waiter in (ended, stopping, end_session):
                 waiter.cancel()
@@ -358,6 +514,7 @@ class Exporter:
         """One client connection: the router stream bridged onto the session's socket."""
         try:
             assert session.socket_path is not None
+            await session.clients_allowed.wait()  # held while beforeLease runs
             reader, writer = await asyncio.wait_for(
                 asyncio.open_unix_connection(str(session.socket_path)), 5
             )

@@ -92,6 +92,11 @@ async def run_hook(
         async with asyncio.timeout(hook.timeout):
             code = await proc.wait()
             await reader
+    except asyncio.CancelledError:
+        # The lease or the exporter ended under the hook: take its process group along.
+        _signal_group(proc.pid, signal.SIGKILL)
+        reader.cancel()
+        raise
     except TimeoutError:
         _signal_group(proc.pid, signal.SIGTERM)
         try:

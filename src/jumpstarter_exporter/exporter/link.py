@@ -63,8 +63,10 @@ class ControllerLink:
         response = await self._stub().Register(request, timeout=CALL_TIMEOUT)
         return response.uuid
 
-    async def report_status(self, status: int, message: str) -> None:
+    async def report_status(self, status: int, message: str, release_lease: bool = False) -> None:
         request = jumpstarter_pb2.ReportStatusRequest(status=status, message=message)
+        if release_lease:
+            request.release_lease = True
         await self._stub().ReportStatus(request, timeout=CALL_TIMEOUT)
 
     def status_stream(self):

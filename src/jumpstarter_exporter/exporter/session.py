@@ -99,6 +99,10 @@ class Session:
         self.motd = motd
         self.status = Status()
         self.end_requested = asyncio.Event()
+        # Set once clients may use the session (after a beforeLease hook, if any).
+        self.clients_allowed = asyncio.Event()
+        self.seen_version = 0  # newest status version a client has read
+        self._seen = asyncio.Event()
         self.logs = LogBus()
         self.drivers: dict[str, Driver] = {}
         self.reports: list[jumpstarter_pb2.DriverInstanceReport] = []
@@ -112,27 +116,54 @@ class Session:
 
     # --- status -------------------------------------------------------------------------
 
+    def status_seen(self, version: int) -> None:
+        self.seen_version = max(self.seen_version, version)
+        self._seen.set()
+
+    async def wait_status_seen(self) -> None:
+        """Wait until a client has read the current status (GetStatus); bound it outside."""
+        while self.seen_version < self.status.version:
+            self._seen.clear()
+            await self._seen.wait()
+
     def set_status(self, code: int, message: str) -> None:
         if (code, message) == (self.status.code, self.status.message):
             return
         self.status = Status(code, message, self.status.version + 1, self.status.code)
 
+    def publish(self, message: str, source: int, severity: str = "INFO") -> None:
+        """A line for every LogStream reader (hook output, system messages)."""
+        self.logs.publish(
+            jumpstarter_pb2.LogStreamResponse(severity=severity, message=message, source=source)
+        )
+
     # --- server -------------------------------------------------------------------------
 
     async def start_unix(self) -> Path:
         """Serve on a private Unix socket (0700 directory), for router tunnels."""
+        path = self._make_socket_path()
+        await self._start(f"unix://{path}", None)
+        return path
+
+    async def start_tcp(
+        self,
+        address: str,
+        credentials: grpc.ServerCredentials | None,
+        interceptors=(),
+        *,
+        unix: bool = False,
+    ) -> int:
+        """Serve on TCP (standalone mode); ``unix=True`` adds the private socket for hooks."""
+        extra = [f"unix://{self._make_socket_path()}"] if unix else []
+        return await self._start(address, credentials, interceptors, extra)
+
+    def _make_socket_path(self) -> Path:
         base = os.environ.get("XDG_RUNTIME_DIR") or None
         self._tmpdir = tempfile.TemporaryDirectory(prefix="jumpstarter-", dir=base)
         self.socket_path = Path(self._tmpdir.name) / "socket"
-        await self._start(f"unix://{self.socket_path}", None)
         return self.socket_path
 
-    async def start_tcp(
-        self, address: str, credentials: grpc.ServerCredentials | None, interceptors=()
-    ) -> int:
-        return await self._start(address, credentials, interceptors)
-
-    async def _start(self, address: str, credentials, interceptors=()) -> int:
+    async def _start(self, address: str, credentials, interceptors=(), extra=()) -> int:
         self.server = grpc.aio.server(
             interceptors=list(interceptors),
             options=[
@@ -149,6 +180,8 @@ class Session:
             port = self.server.add_insecure_port(address)
         else:
             port = self.server.add_secure_port(address, credentials)
+        for other in extra:
+            self.server.add_insecure_port(other)
         await self.server.start()
         logsetup.add_sink(self.logs.sink)
         return port
@@ -231,6 +264,7 @@ class _ExporterService(jumpstarter_pb2_grpc.ExporterServiceServicer):
 
     async def GetStatus(self, request, context):
         status = self.s.status
+        self.s.status_seen(status.version)
         response = jumpstarter_pb2.GetStatusResponse(
             status=status.code, message=status.message, status_version=status.version
         )

@@ -16,6 +16,7 @@ from jumpstarter_exporter._proto.jumpstarter.v1 import common_pb2
 from jumpstarter_exporter.config.models import ExporterConfig
 from jumpstarter_exporter.drivers.registry import build_tree
 from jumpstarter_exporter.errors import ConfigError, ExitCode
+from jumpstarter_exporter.exporter import hooks
 from jumpstarter_exporter.exporter.notify import Notifier
 from jumpstarter_exporter.exporter.session import Session
 
@@ -87,10 +88,27 @@ async def serve_standalone(
     session = Session(root, str(uuidlib.uuid4()), {}, config.motd or "")
     interceptors = [PassphraseInterceptor(passphrase)] if passphrase else []
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    with_hooks = bool(config.hooks.before_lease or config.hooks.after_lease)
     try:
-        bound = await session.start_tcp(address, credentials, interceptors)
+        # Hooks reach the session over a private Unix socket, as in controller mode.
+        bound = await session.start_tcp(address, credentials, interceptors, unix=with_hooks)
     except RuntimeError as exc:
         raise ConfigError(f"cannot listen on {address}: {exc}") from None
+    session.clients_allowed.set()
+    env: dict[str, str] = {}
+    if with_hooks:
+        env = hooks.environment(str(session.socket_path), "standalone", "")
+        if passphrase:
+            env["JMP_GRPC_PASSPHRASE"] = passphrase
+    if config.hooks.before_lease is not None:
+        session.set_status(common_pb2.EXPORTER_STATUS_BEFORE_LEASE_HOOK, "Running beforeLease hook")
+        result = await hooks.run_hook(
+            config.hooks.before_lease, "beforeLease", env, lambda line: None
+        )
+        if not result.ok and config.hooks.before_lease.on_failure != "warn":
+            await session.stop()
+            await root.aclose()
+            return ExitCode.HOOK_EXIT
     session.set_status(common_pb2.EXPORTER_STATUS_LEASE_READY, "Ready for commands")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -104,6 +122,11 @@ async def serve_standalone(
     finally:
         notifier.stopping()
         watchdog.cancel()
+        if config.hooks.after_lease is not None:
+            session.set_status(
+                common_pb2.EXPORTER_STATUS_AFTER_LEASE_HOOK, "Running afterLease hooks"
+            )
+            await hooks.run_hook(config.hooks.after_lease, "afterLease", env, lambda line: None)
         await session.stop(grace=1.0)
         await root.aclose()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
