@@ -115,6 +115,10 @@ def test_unreachable_controller_exits_69_without_ready(
     assert time.monotonic() - started < 15
     assert not notify.seen("READY=1")
     assert any(s.startswith("controller unreachable, retrying in") for s in notify.statuses())
+    # the first failure is a warning, its repeats are debug (not shown at INFO)
+    warnings = [e for e in exp.events() if e.get("event") == "controller unreachable"]
+    assert len(warnings) == 1 and warnings[0]["level"] == "warning"
+    assert "Error: controller 127.0.0.1:1 unreachable for" in exp.log()
 
 
 def test_invalid_config_exits_78_without_ready(setup, tmp_path: Path, notify: NotifySocket) -> None:
@@ -171,5 +175,49 @@ def test_watchdog_pings_from_the_loop(setup, tmp_path: Path, notify: NotifySocke
             assert notify.poll().count("WATCHDOG=1") == before
         finally:
             exp.proc.send_signal(signal.SIGCONT)
+    finally:
+        exp.stop()
+
+
+def test_a_lease_never_dialled_ends_the_same_way(
+    setup, upstream_venv: Path, tmp_path: Path, notify: NotifySocket
+) -> None:
+    ctl, config, client, env = setup
+    exp = start_exporter(config, env, tmp_path / "exporter.log")
+    try:
+        wait_for(lambda: notify.seen("READY=1"), 20, what="READY=1")
+        up = upstream_env(upstream_venv, ctl.env, tmp_path / "up-home")
+        created = subprocess.run(
+            [
+                "jmp",
+                "create",
+                "lease",
+                "--client-config",
+                str(client),
+                "--selector",
+                "board=b1",
+                "--duration",
+                "00:05:00",
+                "-o",
+                "name",
+            ],
+            env=up,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert created.returncode == 0, created.stderr
+        name = created.stdout.strip().splitlines()[-1]
+        wait_for(lambda: exp.has_event("lease started"), 20, what="the lease to start")
+        deleted = subprocess.run(
+            ["jmp", "delete", "leases", "--client-config", str(client), name],
+            env=up,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert deleted.returncode == 0, deleted.stderr
+        assert exp.wait(30) == 0
+        assert exp.has_event("lease ended")
     finally:
         exp.stop()
