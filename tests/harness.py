@@ -270,3 +270,32 @@ def start_exporter(
     )
     log.close()
     return ExporterProcess(proc, log_path)
+
+
+def upstream_create_lease(
+    client: Path, env: dict[str, str], selector: str, duration: str = "00:05:00"
+) -> str:
+    """``jmp create lease`` with upstream 0.9's CLI; returns the lease's short name."""
+    created = subprocess.run(
+        [
+            "jmp",
+            "create",
+            "lease",
+            "--client-config",
+            str(client),
+            "--selector",
+            selector,
+            "--duration",
+            duration,
+            "-o",
+            "name",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert created.returncode == 0, created.stderr
+    name = created.stdout.strip().splitlines()[-1].rsplit("/", 1)[-1]
+    assert name, created.stdout
+    return name

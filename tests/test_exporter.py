@@ -16,6 +16,7 @@ from tests.harness import (
     Controller,
     NotifySocket,
     start_exporter,
+    upstream_create_lease,
     upstream_env,
     wait_for,
 )
@@ -187,27 +188,7 @@ def test_a_lease_never_dialled_ends_the_same_way(
     try:
         wait_for(lambda: notify.seen("READY=1"), 20, what="READY=1")
         up = upstream_env(upstream_venv, ctl.env, tmp_path / "up-home")
-        created = subprocess.run(
-            [
-                "jmp",
-                "create",
-                "lease",
-                "--client-config",
-                str(client),
-                "--selector",
-                "board=b1",
-                "--duration",
-                "00:05:00",
-                "-o",
-                "name",
-            ],
-            env=up,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert created.returncode == 0, created.stderr
-        name = created.stdout.strip().splitlines()[-1]
+        name = upstream_create_lease(client, up, "board=b1")
         wait_for(lambda: exp.has_event("lease started"), 20, what="the lease to start")
         deleted = subprocess.run(
             ["jmp", "delete", "leases", "--client-config", str(client), name],

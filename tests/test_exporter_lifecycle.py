@@ -27,6 +27,7 @@ from tests.harness import (
     NotifySocket,
     socat_pty_pair,
     start_exporter,
+    upstream_create_lease,
     upstream_env,
     wait_for,
 )
@@ -318,28 +319,7 @@ def test_controller_restart_mid_lease(setup, tmp_path: Path, notify: NotifySocke
     exp = start_exporter(config, env, tmp_path / "exporter.log")
     try:
         ready(exp, notify)
-        created = subprocess.run(
-            [
-                "jmp",
-                "create",
-                "lease",
-                "--client-config",
-                str(client),
-                "--selector",
-                "board=b1",
-                "--duration",
-                "00:05:00",
-                "-o",
-                "name",
-            ],
-            env=up,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert created.returncode == 0, created.stderr
-        lease = created.stdout.strip().rsplit("/", 1)[-1]
-        assert lease, created.stdout
+        lease = upstream_create_lease(client, up, "board=b1")
         wait_for(
             lambda: f"leased by cl1 (lease {lease})" in notify.statuses(),
             30,
