@@ -339,3 +339,24 @@ def test_environment_overrides_client_file(config_env, var: str, attr: str) -> N
     cfg = loaded.config
     assert (cfg.metadata.name if attr == "name" else getattr(cfg, attr)) == "from-env"
     assert loaded.path == path
+
+
+def test_pdu_secrets_are_redacted(tmp_path: Path) -> None:
+    text = EXPORTER + textwrap.dedent(
+        """\
+        description: pdu
+        """
+    )
+    text = text.replace(
+        "  serial:\n",
+        "  pdu:\n    type: jumpstarter_driver_power.driver.PduPower\n"
+        "    config: {host: h, community: c0mm, write_community: wr1te, username: u,\n"
+        "             password: pa55word, priv_password: pr1vpass}\n"
+        "  up:\n    type: jumpstarter_driver_snmp.driver.SNMPServer\n"
+        "    config: {host: h, user: u, plug: 1, auth_key: aut4key, priv_key: pr1vkey}\n"
+        "  serial:\n",
+    )
+    loaded = load_exporter(path=write(tmp_path / "e.yaml", text), environ={})
+    shown = " ".join(str(v) for _k, v, _s in loaded.explain())
+    for secret in ("c0mm", "wr1te", "pa55word", "pr1vpass", "aut4key", "pr1vkey"):
+        assert secret not in shown

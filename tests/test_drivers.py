@@ -467,7 +467,7 @@ def test_validate_reports_every_problem() -> None:
         {
             "serial": {
                 "type": "jumpstarter_driver_pyserial.driver.PySerial",
-                "config": {"url": "/dev/ttyUSB0", "baudrate": "fast", "parity": "N"},
+                "config": {"url": "/dev/ttyUSB0", "baudrate": "fast", "databits": 8},
             },
             "noconf": {"type": "jumpstarter_driver_pyserial.driver.PySerial"},
             "grp": {
@@ -482,7 +482,7 @@ def test_validate_reports_every_problem() -> None:
     problems = registry.validate(config)
     assert problems[0].startswith("export.serial.config.baudrate: Input should be a valid integer")
     assert problems[1:] == [
-        "export.serial.config.parity: Extra inputs are not permitted",
+        "export.serial.config.databits: Extra inputs are not permitted",
         "export.noconf.config.url: Field required",
         "export.grp.loop: ref 'grp' names an entry containing it",
         problems[-1],

@@ -42,6 +42,10 @@ SECRET_KEYS = frozenset(
         "authPassword",
         "privPassword",
         "community",
+        "write_community",
+        "priv_password",
+        "auth_key",
+        "priv_key",
     }
 )
 

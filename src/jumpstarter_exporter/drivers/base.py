@@ -407,6 +407,12 @@ class Driver:
         """Cheap health check of the device (no side effects on it); raises
         ``DeviceUnavailable`` if it is known to be absent. Default: nothing to check."""
 
+    async def start(self) -> None:
+        """Called when a lease session starts (e.g. a serial console log begins recording).
+        Default: start the children."""
+        for child in self.children.values():
+            await child.start()
+
     async def aclose(self) -> None:
         """Release devices held by this driver and its children (idempotent)."""
         for child in self.children.values():

@@ -67,6 +67,9 @@ class RefProxy(Driver):
     async def check(self) -> None:
         """The target checks itself where it sits in the tree."""
 
+    async def start(self) -> None:
+        """The target is started where it sits in the tree, not through its aliases."""
+
     async def aclose(self) -> None:
         """The target is closed where it sits in the tree, not through its aliases."""
 

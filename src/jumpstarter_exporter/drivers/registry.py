@@ -44,6 +44,8 @@ def register(type_name: str, target: str) -> None:
 for _upstream, _ours in (
     ("jumpstarter_driver_composite.driver.Composite", "composite:Composite"),
     ("jumpstarter_driver_power.driver.MockPower", "power:MockPower"),
+    ("jumpstarter_driver_power.driver.PduPower", "pdu:PduPower"),
+    ("jumpstarter_driver_snmp.driver.SNMPServer", "pdu:SNMPServer"),
     ("jumpstarter_driver_power.driver.SyncMockPower", "power:SyncMockPower"),
     ("jumpstarter_driver_pyserial.driver.PySerial", "serial:PySerial"),
 ):

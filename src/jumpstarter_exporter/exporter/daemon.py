@@ -303,6 +303,8 @@ class Exporter:
         session = Session(self.root, self.uuid, self.labels, self.config.motd or "")
         try:
             await session.start_unix()
+            # Before any hook runs, so a console log records what the hook does to the board.
+            await self.root.start()
             log.info("lease started")
             tunnels: set[asyncio.Task] = set()
             listener = asyncio.ensure_future(self._listen(lease, session, tunnels))

@@ -95,6 +95,7 @@ async def serve_standalone(
     except RuntimeError as exc:
         raise ConfigError(f"cannot listen on {address}: {exc}") from None
     session.clients_allowed.set()
+    await root.start()
     env: dict[str, str] = {}
     if with_hooks:
         env = hooks.environment(str(session.socket_path), "standalone", "")
