@@ -1,14 +1,46 @@
-"""Shared fixtures: the upstream 0.9 interop venv and an isolated config home per test."""
+"""Shared fixtures: the upstream 0.9 interop venv, an isolated config home per test, and the
+host's real systemd-udevd (one per test session, shared by every module that needs it)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+HOST_UDEVD = REPO.parent / "shared" / "tools" / "host-udevd"
+IN_CI = os.environ.get("CI") == "true"
+
+
+def unmet(reason: str) -> None:
+    """A missing prerequisite: fail in CI (it must be provided there), skip elsewhere."""
+    if IN_CI:
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def udevd() -> Iterator[None]:
+    """A real systemd-udevd via host-udevd, for the whole test session.
+
+    Session-scoped so that no module stops it while another still uses it; stopped at the
+    end of the session only if it was not running before.
+    """
+    if os.geteuid() != 0:
+        unmet("needs root (udevd)")
+    if not HOST_UDEVD.exists():
+        unmet(f"{HOST_UDEVD} is missing")
+    status = subprocess.run([str(HOST_UDEVD), "status"], capture_output=True, timeout=30)
+    was_running = status.returncode == 0
+    subprocess.run([str(HOST_UDEVD), "start"], check=True, capture_output=True, timeout=300)
+    try:
+        yield
+    finally:
+        if not was_running:
+            subprocess.run([str(HOST_UDEVD), "stop"], check=True, capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="session")

@@ -483,7 +483,8 @@ def test_validate_reports_every_problem() -> None:
     assert problems[0].startswith("export.serial.config.baudrate: Input should be a valid integer")
     assert problems[1:] == [
         "export.serial.config.databits: Extra inputs are not permitted",
-        "export.noconf.config.url: Field required",
+        "export.noconf.config: exactly one of `url` (a device path or pyserial URL) or "
+        "`match` (udev keys, e.g. {ID_SERIAL_SHORT: ...}) is required",
         "export.grp.loop: ref 'grp' names an entry containing it",
         problems[-1],
     ]

@@ -6,8 +6,9 @@ What this machine offers (testinfra.md §5): no real tty hotplug (no USB, no mod
 uevents are written to ``/sys/class/tty/ttyS0/uevent`` with a ``SYNTH_ARG_*`` tag to
 recognise our own; ptys emit no uevents at all. ttyS0's ancestors are serial-base/port,
 serial-base/ctrl and pnp ``00:00`` (driver ``serial``, ``id`` PNP0501). Needs root; outside
-CI a missing prerequisite skips, with ``CI=true`` it fails. udevd is stopped afterwards
-unless it was already running; socat, the VT and the test udev rule are always cleaned up.
+CI a missing prerequisite skips, with ``CI=true`` it fails. udevd is the session-wide
+``udevd`` fixture of ``conftest.py`` (stopped at the end of the session unless it was already
+running); socat, the VT and the test udev rule are always cleaned up.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from jumpstarter_exporter.hotplug import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-HOST_UDEVD = REPO.parent / "shared" / "tools" / "host-udevd"
 IN_CI = os.environ.get("CI") == "true"
 TTYS0 = Path("/sys/class/tty/ttyS0")
 VT = 47  # a virtual console nobody uses; allocating it makes vcs47/vcsa47/vcsu47 appear
@@ -83,23 +83,8 @@ def ttys0(root: None) -> Path:
     return Path("/dev/ttyS0")
 
 
-@pytest.fixture(scope="module")
-def udevd(root: None) -> Iterator[None]:
-    """A real systemd-udevd via host-udevd; stopped afterwards unless it already ran."""
-    if not HOST_UDEVD.exists():
-        unmet(f"{HOST_UDEVD} is missing")
-    status = subprocess.run([str(HOST_UDEVD), "status"], capture_output=True, timeout=30)
-    was_running = status.returncode == 0
-    subprocess.run([str(HOST_UDEVD), "start"], check=True, capture_output=True, timeout=300)
-    try:
-        yield
-    finally:
-        if not was_running:
-            subprocess.run([str(HOST_UDEVD), "stop"], check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture
-def udev_rule(udevd: None) -> Iterator[Path]:
+def udev_rule(root: None, udevd: None) -> Iterator[Path]:
     """A transient rule in /run/udev/rules.d (tmpfs), removed afterwards; yields the node."""
     udevadm = shutil.which("udevadm")
     if udevadm is None:

@@ -12,6 +12,7 @@ shipped systemd units (``RestartPreventExitStatus=78``) can rely on it::
     ├── AlreadyExistsError     refusing to overwrite               → 1
     ├── DeviceError            driver, device                      → 70
     │   ├── DeviceUnavailable
+    │   │   └── AmbiguousMatch  (hotplug.match: several devices match a ``match:``)
     │   └── DeviceBusy
     └── DriverCallError        driver, method                      → 70
     anything else (a bug)                                          → 70 (EX_SOFTWARE)

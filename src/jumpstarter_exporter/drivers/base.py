@@ -19,6 +19,9 @@ Contract used by the exporter (``exporter/session.py``):
 - ``Driver.lookup(method, kind)`` → the bound callable, or raises ``MethodNotFound`` with
   upstream's texts (``method X not found on driver`` / ``method X missing marker Y``);
 - ``await Driver.aclose()`` releases devices (called when a lease session ends);
+- ``Driver.attach_watcher(watcher)``: before serving, the exporter offers its one
+  ``hotplug.DeviceWatcher``; a driver backed by a device node registers a watch on it
+  (default: offer it to the children), and an unused watcher is never started;
 - ``ByteStream``: ``await read(n)`` → bytes (``b""`` at end of stream), ``await write(b)``
   (waits while the device cannot take more: back-pressure), ``await send_eof()``,
   ``await aclose()``.
@@ -40,7 +43,7 @@ import logging
 import re
 import uuid as uuid_mod
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import grpc
 import structlog
@@ -53,6 +56,9 @@ from jumpstarter_exporter.errors import (
     DeviceUnavailable,
     DriverCallError,
 )
+
+if TYPE_CHECKING:
+    from jumpstarter_exporter.hotplug.monitor import DeviceWatcher
 
 # Upstream's export markers: the attribute names and their common value (protocol-facts §5.2).
 MARKER_VALUE = "07c9b9cc"
@@ -402,6 +408,12 @@ class Driver:
         if getattr(found, marker, None) != MARKER_VALUE:
             raise MethodNotFound(f"method {method} missing marker {marker}")
         return found
+
+    def attach_watcher(self, watcher: DeviceWatcher) -> None:
+        """Register the devices this driver needs with the exporter's ``DeviceWatcher``
+        (``watcher.watch(...)``), kept for the process's life. Default: the children do."""
+        for child in self.children.values():
+            child.attach_watcher(watcher)
 
     async def check(self) -> None:
         """Cheap health check of the device (no side effects on it); raises

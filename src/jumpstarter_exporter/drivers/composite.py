@@ -64,6 +64,9 @@ class RefProxy(Driver):
     def lookup(self, method: str, kind: CallKind) -> Callable[..., Any]:
         return self.target.lookup(method, kind)
 
+    def attach_watcher(self, watcher: Any) -> None:
+        """The target registers its devices where it sits in the tree."""
+
     async def check(self) -> None:
         """The target checks itself where it sits in the tree."""
 

@@ -86,7 +86,7 @@ def _problems(entries: Mapping[str, object], prefix: str, all_paths: set[str]) -
                     for err in exc.errors(include_url=False, include_input=False):
                         loc = ".".join(str(p) for p in err["loc"])
                         key = f"export.{path}.config" + (f".{loc}" if loc else "")
-                        problems.append(f"{key}: {err['msg']}")
+                        problems.append(f"{key}: {err['msg'].removeprefix('Value error, ')}")
             problems.extend(_problems(entry.children, f"{path}.", all_paths))
         elif isinstance(entry, CompositeEntry):
             problems.extend(_problems(entry.children, f"{path}.", all_paths))

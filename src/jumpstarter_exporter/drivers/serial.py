@@ -1,7 +1,9 @@
 """Serial console driver, wire-compatible with upstream's ``jumpstarter_driver_pyserial.PySerial``.
 
-``connect`` (a byte stream, protocol-facts §6.2) gives a client the serial line. Transports,
-by ``url``:
+``connect`` (a byte stream, protocol-facts §6.2) gives a client the serial line. The port is
+given by exactly one of ``url`` (below) or ``match``: udev keys in labgrid's style
+(``{SUBSYSTEM: tty, ID_SERIAL_SHORT: A10K1}``, ``"@ID_PATH": ...`` for an ancestor; see
+``hotplug.match``), resolved to a device node when the port is opened. Transports, by ``url``:
 
 - ``loop://``: an in-memory echo (a bounded ``MemoryPipe``), no device involved; a
   stream's half-close is passed on, so the loop ends once its echo has been read;
@@ -55,6 +57,15 @@ DTR, which resets some boards). Two drivers of the same name logging into one di
 share one budget: give each its own directory or file path. Writes to the log are plain
 ``os.write`` calls from the event loop: keep the log on a local file system.
 
+**Hotplug.** Under an exporter, a device node (a path or a ``match``) is watched by the
+exporter's ``DeviceWatcher`` (``attach_watcher``): while it is absent the driver is
+unavailable, not broken: ``connect`` and the other calls raise ``DeviceUnavailable`` naming
+the driver, the path or match and why, and the report carries
+``jumpstarter.dev/available=false``. When it goes away (or a match moves to another node) the
+open streams end cleanly (end of stream) and the handle is closed; when it returns, the next
+``connect`` works, and a running console log reopens it at once. Without a watcher (a driver
+built on its own) a ``match`` is resolved at each open.
+
 Absence is never fatal: opening a missing device raises ``DeviceUnavailable`` naming it
 (``DeviceBusy`` if it is held); a device that goes away while streaming (unplugged, the far
 end of a pty closed: ``EIO``, a socket reset) ends every stream: ``read`` returns what was
@@ -77,9 +88,9 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from jumpstarter_exporter.drivers.base import (
     READ_CHUNK,
@@ -92,8 +103,14 @@ from jumpstarter_exporter.drivers.base import (
     exportstream,
 )
 from jumpstarter_exporter.errors import DeviceBusy, DeviceError, DeviceUnavailable
+from jumpstarter_exporter.hotplug.match import DeviceMatch
+
+if TYPE_CHECKING:
+    from jumpstarter_exporter.hotplug.monitor import DeviceWatch, DeviceWatcher
 
 PYSERIAL_CLIENT = "jumpstarter_driver_pyserial.client.PySerialClient"
+# Reported (GetReport) while the watched device is absent; upstream clients ignore it.
+LABEL_AVAILABLE = "jumpstarter.dev/available"
 
 # errno values meaning "the device is not (or no longer) there".
 _GONE = frozenset({errno.EIO, errno.ENXIO, errno.ENODEV, errno.EBADF, errno.ENOENT})
@@ -264,6 +281,11 @@ class _FdStream:
     @property
     def fd(self) -> int | None:
         return None if self._closed else self._fd
+
+    @property
+    def label(self) -> str:
+        """The device path this stream was opened on."""
+        return self._label
 
     async def _wait(self, add: Callable[..., Any], remove: Callable[[int], Any]) -> None:
         fut: asyncio.Future[None] = self._loop.create_future()
@@ -589,7 +611,7 @@ class _Tap:
 
     async def write(self, data: bytes) -> None:
         if self._closed or self._eof:
-            raise BrokenPipeError(f"{self._hub.driver.config.url}: stream closed")
+            raise BrokenPipeError(f"{self._hub.driver.target_text}: stream closed")
         await self._hub.write(self.device, data)
 
     async def send_eof(self) -> None:
@@ -627,6 +649,7 @@ class _Hub:
         self._write_lock = asyncio.Lock()
         self._room = asyncio.Event()
         self._unavailable = False  # the log's reopen attempts failed (warned once)
+        self._tasks: set[asyncio.Task[None]] = set()  # device-change handling in flight
 
     @property
     def _log(self) -> DriverLog:
@@ -656,7 +679,35 @@ class _Hub:
             tap.end()
         if device is not None:
             await device.aclose()
-            self._log.debug("serial closed", url=self.driver.config.url)
+            self._log.debug("serial closed", url=self.driver.target_text)
+
+    def device_changed(self, watch: DeviceWatch) -> None:
+        """The watched device went away, moved to another node or came back (called on
+        the loop by the watcher): end the streams on a stale handle; reopen for the log."""
+        task = asyncio.get_running_loop().create_task(
+            self._follow_device(watch), name="serial-device-change"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _follow_device(self, watch: DeviceWatch) -> None:
+        device = self.device
+        stale = (
+            device is not None
+            and not isinstance(device, MemoryPipe)
+            and (not watch.available or Path(getattr(device, "label", "")) != watch.node)
+        )
+        if stale:
+            async with self._open_lock:
+                if self.device is device:
+                    self._log.warning(
+                        "serial device went away: ending its streams",
+                        url=self.driver.target_text,
+                        reason=watch.reason or f"now {watch.node}",
+                    )
+                    await self._close_device()
+        if watch.available and self.log is not None:
+            await self._reopen()
 
     async def _wait_for_room(self) -> None:
         """Wait until every stream has room, giving up on stalled ones (module docstring)."""
@@ -676,7 +727,7 @@ class _Hub:
                     tap.lossy = True
                 self._log.warning(
                     "serial reader too slow: dropping bytes for it, the others go on",
-                    url=self.driver.config.url,
+                    url=self.driver.target_text,
                     readers=len(blocking),
                 )
                 return
@@ -705,7 +756,7 @@ class _Hub:
                 for tap in list(self.taps):
                     tap.feed(data)
         except Exception as exc:  # noqa: BLE001 - a failed read ends the streams, not the daemon
-            self._log.warning("serial read failed", url=self.driver.config.url, error=repr(exc))
+            self._log.warning("serial read failed", url=self.driver.target_text, error=repr(exc))
         if self.device is not device:
             return  # closed on purpose: the closer cleans up
         # The device went away under us: end every stream, release the handle (under the
@@ -718,9 +769,9 @@ class _Hub:
             for tap in ended:
                 tap.end()
             if isinstance(device, MemoryPipe):
-                self._log.debug("loop ended after a half-close", url=self.driver.config.url)
+                self._log.debug("loop ended after a half-close", url=self.driver.target_text)
             else:
-                self._log.warning("serial device went away", url=self.driver.config.url)
+                self._log.warning("serial device went away", url=self.driver.target_text)
             with contextlib.suppress(Exception):
                 await device.aclose()
 
@@ -733,7 +784,7 @@ class _Hub:
         """Write from one stream: whole writes, in arrival order, to the current device."""
         async with self._write_lock:
             if device is not self.device:
-                raise BrokenPipeError(f"{self.driver.config.url}: device went away")
+                raise BrokenPipeError(f"{self.driver.target_text}: device went away")
             await device.write(data)
 
     # -- streams -------------------------------------------------------------------------
@@ -812,22 +863,31 @@ class _Hub:
                     self._unavailable = True
                 return
             if self._unavailable:
-                self._log.info("console log: serial device is back", url=self.driver.config.url)
+                self._log.info("console log: serial device is back", url=self.driver.target_text)
             self._unavailable = False
 
     async def _keep_open(self) -> None:
-        """While the log runs: reopen the device whenever it is closed or went away."""
+        """While the log runs: reopen the device whenever it is closed or went away.
+
+        A watched device that is absent is not tried: its return reopens it at once
+        (``device_changed``); polling only retries a device that is there but failed to
+        open (busy, say), or an unwatched one.
+        """
         while self.log is not None:
             await asyncio.sleep(self.driver.REOPEN_INTERVAL)
+            if self.driver.available is False:
+                continue
             await self._reopen()
 
     # -- end -----------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        supervisor, self._supervisor = self._supervisor, None
-        if supervisor is not None:
-            supervisor.cancel()
-            await asyncio.gather(supervisor, return_exceptions=True)
+        tasks = [self._supervisor, *self._tasks]
+        self._supervisor = None
+        for task in tasks:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in tasks if t is not None), return_exceptions=True)
         async with self._open_lock:
             self._stop_log_file()
             await self._close_device()
@@ -850,7 +910,9 @@ class PySerial(Driver):
     client = PYSERIAL_CLIENT
 
     class Config(DriverConfig):
-        url: str
+        # exactly one of: a pyserial URL or device path, or a udev match (hotplug.match)
+        url: str | None = None
+        match: DeviceMatch | None = None
         baudrate: int = Field(default=115200, gt=0)
         check_present: bool = True
         cps: float | None = Field(default=None, gt=0)
@@ -869,6 +931,17 @@ class PySerial(Driver):
         console_log_backups: int = Field(default=3, ge=0)
         # seconds a full stream may hold back the others before bytes are dropped for it
         slow_reader_timeout: float = Field(default=5.0, gt=0)
+
+        @model_validator(mode="after")
+        def _url_or_match(self) -> PySerial.Config:
+            if (self.url is None) == (self.match is None):
+                raise ValueError(
+                    "exactly one of `url` (a device path or pyserial URL) or `match` "
+                    "(udev keys, e.g. {ID_SERIAL_SHORT: ...}) is required"
+                )
+            if self.url is not None and not self.url.strip():
+                raise ValueError("url: must be a device path or pyserial URL")
+            return self
 
         @field_validator("parity", mode="before")
         @classmethod
@@ -901,6 +974,81 @@ class PySerial(Driver):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._hub_state: _Hub | None = None
+        self._watch: DeviceWatch | None = None
+        self._opening = ""  # the device node open_device is opening
+
+    # -- which device ------------------------------------------------------------------------
+
+    @property
+    def kind(self) -> Literal["loop", "path", "url"]:
+        """``loop`` (in-memory echo), ``path`` (a device node, by path or match), ``url``."""
+        url = self.config.url
+        if url is None:
+            return "path"
+        if _is_loop(url):
+            return "loop"
+        return "path" if is_device_path(url) else "url"
+
+    @property
+    def target_text(self) -> str:
+        """The configured device, for messages: the url/path, or ``match {keys}``."""
+        if self.config.url is not None:
+            return self.config.url
+        return f"match {{{self.config.match}}}"
+
+    def _label(self) -> str:
+        return f"serial driver {self.name or 'serial'!r} ({self.target_text})"
+
+    def attach_watcher(self, watcher: DeviceWatcher) -> None:
+        """Watch the device node (a path or a ``match``) so absence is observed, not met."""
+        if self.kind != "path" or self._watch is not None:
+            return
+        target = self.config.match if self.config.match is not None else self.config.url
+        assert target is not None
+        self._watch = watcher.watch(target, name=self.name or "serial")
+        watcher.on_change(self._on_device_change)
+
+    @property
+    def available(self) -> bool | None:
+        """Whether the watched device is present now (None: not watched)."""
+        watch = self._watch
+        if watch is None or watch.watcher.closed:
+            return None
+        return watch.available
+
+    def labels(self) -> dict[str, str]:
+        if self.available is False:
+            return {LABEL_AVAILABLE: "false"}
+        return {}
+
+    def _device_path(self) -> str:
+        """The device node to open now (``DeviceUnavailable`` naming why there is none).
+
+        From the exporter's watch when there is one (no I/O); else resolved on the spot.
+        """
+        watch = self._watch
+        if watch is not None and not watch.watcher.closed:
+            if watch.node is None:
+                raise DeviceUnavailable(f"{self._label()} is unavailable: {watch.reason}")
+            return str(watch.node)
+        if self.config.match is None:
+            assert self.config.url is not None
+            return self.config.url
+        from jumpstarter_exporter.hotplug.match import resolve
+
+        node = resolve(self.config.match)  # AmbiguousMatch / DeviceUnavailable propagate
+        if node is None:
+            raise DeviceUnavailable(
+                f"{self._label()} is unavailable: no device matches {self.config.match}"
+            )
+        return str(node)
+
+    def _on_device_change(self, watch: DeviceWatch) -> None:
+        if watch is not self._watch:
+            return
+        hub = self._hub_state
+        if hub is not None:
+            hub.device_changed(watch)
 
     @property
     def _hub(self) -> _Hub:
@@ -921,15 +1069,20 @@ class PySerial(Driver):
             "rtscts": cfg.rtscts,
         }
 
-    def _open_tty(self) -> Any:
-        """Open the device path (in a worker thread): locked, non-blocking, raw, configured."""
+    def _open_tty(self, path: str | None = None) -> Any:
+        """Open the device path (in a worker thread): locked, non-blocking, raw, configured.
+
+        ``path``: the node resolved by ``open_device`` (default: the one it is opening)."""
         import fcntl
         import termios
 
         import serial
 
+        if path is None:
+            path = self._opening
+
         port = serial.Serial()
-        port.port = self.config.url
+        port.port = path
         for key, value in self._line_kwargs().items():
             setattr(port, key, value)
         port.timeout = 0
@@ -943,7 +1096,7 @@ class PySerial(Driver):
         except (serial.SerialException, OSError) as exc:
             with contextlib.suppress(Exception):
                 port.close()
-            raise _device_error(self.config.url, exc) from None
+            raise _device_error(path, exc) from None
         return port
 
     def _open_url(self) -> Any:
@@ -951,22 +1104,33 @@ class PySerial(Driver):
 
         try:
             return serial.serial_for_url(
-                self.config.url, timeout=_ThreadStream.POLL, **self._line_kwargs()
+                self.target_text, timeout=_ThreadStream.POLL, **self._line_kwargs()
             )
         except (serial.SerialException, OSError) as exc:
-            raise _device_error(self.config.url, exc) from None
+            raise _device_error(self.target_text, exc) from None
+
+    async def _resolve_path(self) -> str:
+        if self._watch is not None and not self._watch.watcher.closed:
+            return self._device_path()
+        if self.config.match is not None:
+            return await asyncio.to_thread(self._device_path)  # enumerates udev
+        return self._device_path()
 
     async def open_device(self) -> ByteStream:
         """Open the port itself: the one handle the driver's streams share."""
-        url = self.config.url
+        kind = self.kind
         device: ByteStream
-        if _is_loop(url):
+        if kind == "loop":
             device = MemoryPipe(self.LOOP_BUFFER)
-        elif is_device_path(url):
+            url = self.target_text
+        elif kind == "path":
+            url = await self._resolve_path()
             exclusive = self.config.exclusive
+            self._opening = url
             port = await _open_in_thread(self._open_tty, lambda p: _release_port(p, exclusive))
             device = _FdStream(port, url, exclusive)
         else:
+            url = self.target_text
             port = await _open_in_thread(self._open_url, _release_port)
             device = _ThreadStream(port, url)
         self.log.debug("serial opened", url=url)
@@ -1016,22 +1180,23 @@ class PySerial(Driver):
         connection relies on are left alone (ptys have no modem lines: ignored). A separate
         handle respects the exclusive lock of another process (``DeviceBusy``).
         """
-        url = self.config.url
-        if _is_loop(url):
+        kind = self.kind
+        if kind == "loop":
             self.log.debug("set line", line=line, value=value)
             return
         device = self._hub_state.device if self._hub_state is not None else None
         if isinstance(device, _FdStream) and device.fd is not None:
-            self._tty_line(device.fd, line, value)
+            self._tty_line(device.fd, line, value, device.label)
         elif isinstance(device, _ThreadStream):
             await asyncio.to_thread(setattr, device.port, line, value)
-        elif is_device_path(url):
-            await asyncio.to_thread(self._set_tty_line, line, value)
+        elif kind == "path":
+            path = await self._resolve_path()
+            await asyncio.to_thread(self._set_tty_line, path, line, value)
         else:
             await asyncio.to_thread(self._set_url_line, line, value)
         self.log.debug("set line", line=line, value=value)
 
-    def _tty_line(self, fd: int, line: str, value: bool) -> None:
+    def _tty_line(self, fd: int, line: str, value: bool, path: str) -> None:
         import fcntl
         import struct
         import termios
@@ -1042,13 +1207,12 @@ class PySerial(Driver):
             fcntl.ioctl(fd, request, struct.pack("I", bit))
         except OSError as exc:
             if exc.errno not in (errno.EINVAL, errno.ENOTTY):
-                raise _device_error(self.config.url, exc) from None
+                raise _device_error(path, exc) from None
 
-    def _set_tty_line(self, line: str, value: bool) -> None:
+    def _set_tty_line(self, url: str, line: str, value: bool) -> None:
         import fcntl
         import termios
 
-        url = self.config.url
         try:
             fd = os.open(url, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
         except OSError as exc:
@@ -1059,7 +1223,7 @@ class PySerial(Driver):
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError as exc:
                     raise _device_error(url, exc) from None
-            self._tty_line(fd, line, value)
+            self._tty_line(fd, line, value, url)
             if self.config.disable_hupcl:
                 attrs = termios.tcgetattr(fd)
                 attrs[2] &= ~termios.HUPCL
@@ -1070,7 +1234,7 @@ class PySerial(Driver):
     def _set_url_line(self, line: str, value: bool) -> None:
         import serial
 
-        url = self.config.url
+        url = self.target_text
         try:
             port = serial.serial_for_url(url, do_not_open=True, **self._line_kwargs())
             setattr(port, line, value)
@@ -1097,11 +1261,11 @@ class PySerial(Driver):
             await self._hub.start_log()
 
     async def check(self) -> None:
-        url = self.config.url
-        if not (self.config.check_present and is_device_path(url)):
+        if not (self.config.check_present and self.kind == "path"):
             return
-        if not await asyncio.to_thread(os.path.exists, url):
-            raise DeviceUnavailable(f"serial device {url} is not present")
+        path = await self._resolve_path()
+        if not await asyncio.to_thread(os.path.exists, path):
+            raise DeviceUnavailable(f"serial device {path} is not present")
 
     async def aclose(self) -> None:
         """Lease end: end every stream, stop the console log, release the port."""
@@ -1111,4 +1275,4 @@ class PySerial(Driver):
         await super().aclose()
 
 
-__all__ = ["PYSERIAL_CLIENT", "ConsoleLog", "PySerial"]
+__all__ = ["LABEL_AVAILABLE", "PYSERIAL_CLIENT", "ConsoleLog", "PySerial"]

@@ -13,6 +13,10 @@
   keeps serving meanwhile; an idle exporter gives up after ``controller_budget`` seconds
   (exit 69) and lets systemd restart it, instead of hanging silently.
 - Status reports are latest-wins and re-sent after every reconnect.
+- Devices behind drivers (a serial port's path or ``match:``) are watched by one
+  ``hotplug.DeviceWatcher`` for the whole process, started before registration: a missing
+  device makes its driver unavailable (its calls fail, the report and STATUS say so), never
+  the exporter; it recovers when the device returns. No watched device: no watcher.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import contextlib
 import os
 import signal
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -44,6 +49,7 @@ from jumpstarter_exporter.exporter.hooks import HookResult
 from jumpstarter_exporter.exporter.link import ControllerLink, classify
 from jumpstarter_exporter.exporter.notify import Notifier
 from jumpstarter_exporter.exporter.session import Session
+from jumpstarter_exporter.hotplug.monitor import DeviceWatch, DeviceWatcher
 from jumpstarter_exporter.wire import frames
 from jumpstarter_exporter.wire.channel import open_secure_channel
 
@@ -67,6 +73,35 @@ class RunOptions:
     exit_after_lease: bool = True
     controller_budget: float = 300.0  # seconds an idle exporter tries an absent controller
     stop_grace: float = 10.0  # seconds for a graceful stop before we give up on goodbyes
+
+
+def start_device_watcher(
+    root: Driver, on_change: Callable[[DeviceWatch], object]
+) -> DeviceWatcher | None:
+    """Offer one ``DeviceWatcher`` to the driver tree; start it if any driver watches a
+    device (else it is dropped unstarted: pyudev is never imported). Call in the loop.
+
+    Logs a WARNING when a device goes away and INFO when it returns; ``on_change`` then
+    updates whatever shows the state (sd_notify STATUS).
+    """
+    watcher = DeviceWatcher()
+    root.attach_watcher(watcher)
+    if not watcher.watches:
+        return None
+
+    def changed(watch: DeviceWatch) -> None:
+        if watch.available:
+            log.info("device is back", device=watch.name, node=str(watch.node))
+        else:
+            log.warning("device went away", device=watch.name, reason=watch.reason)
+        on_change(watch)
+
+    watcher.on_change(changed)
+    watcher.start()
+    log.info("watching devices", devices=[w.describe() for w in watcher.watches])
+    if missing := watcher.status_text():
+        log.warning("starting without a device: its driver is unavailable", status=missing)
+    return watcher
 
 
 class _Novelty:
@@ -158,6 +193,19 @@ class Exporter:
         self._lease_task: asyncio.Task | None = None
         self._signals = 0
         self.exit_code = ExitCode.OK
+        self.watcher: DeviceWatcher | None = None
+
+    def _start_watcher(self) -> None:
+        """One ``DeviceWatcher`` for every driver's device, if any driver watches one.
+
+        Started before registration, so the first report and STATUS already say which
+        device is missing; absence at start-up is allowed (reported, never fatal).
+        """
+        self.watcher = start_device_watcher(self.root, self._on_device_change)
+
+    def _on_device_change(self, watch: DeviceWatch) -> None:
+        if self.notifier.ready_sent and not self.stop_requested.is_set():
+            self.notifier.status(self._steady_status())
 
     # --- public -------------------------------------------------------------------------
 
@@ -165,11 +213,12 @@ class Exporter:
         structlog.contextvars.bind_contextvars(exporter=self.name)
         self._install_signals()
         try:
-            self.notifier.status("registering with the controller")
+            self._start_watcher()
+            self.notifier.status(self._with_devices("registering with the controller"))
             await self._register()
             if self.stop_requested.is_set():
                 return ExitCode.OK
-            self.notifier.ready("waiting for lease")
+            self.notifier.ready(self._steady_status())
             log.info("ready", endpoint=self.config.endpoint)
             async with asyncio.TaskGroup() as tasks:
                 workers = [
@@ -268,12 +317,18 @@ class Exporter:
             await asyncio.sleep(delay)
 
     def _steady_status(self) -> str:
-        """The sd_notify STATUS for the current state when nothing is wrong."""
+        """The sd_notify STATUS for the current state (with any missing device)."""
         if self.lease is None:
-            return "waiting for lease"
-        if self.stop_after_lease:
-            return f"leased by {self.client}; exiting after this lease"
-        return f"leased by {self.client} (lease {self.lease})"
+            state = "waiting for lease"
+        elif self.stop_after_lease:
+            state = f"leased by {self.client}; exiting after this lease"
+        else:
+            state = f"leased by {self.client} (lease {self.lease})"
+        return self._with_devices(state)
+
+    def _with_devices(self, state: str) -> str:
+        devices = self.watcher.status_text() if self.watcher is not None else ""
+        return f"{state}; {devices}" if devices else state
 
     def _on_status(self, message) -> None:
         if message.leased and message.lease_name:
@@ -309,7 +364,7 @@ class Exporter:
             tunnels: set[asyncio.Task] = set()
             listener = asyncio.ensure_future(self._listen(lease, session, tunnels))
             try:
-                self.notifier.status(f"leased by {client} (lease {lease})")
+                self.notifier.status(self._steady_status())
                 run_after = await self._before_lease(session, lease, client)
                 await self._until_lease_over(session, lease, client, run_after)
             finally:
@@ -331,7 +386,7 @@ class Exporter:
                 elif self.stop_after_lease:
                     self.request_stop("SIGHUP: the lease is over")
                 else:
-                    self.notifier.status("waiting for lease")
+                    self.notifier.status(self._steady_status())
 
     async def _hook(self, session: Session, phase: str, lease: str, client: str) -> HookResult:
         hook = (
@@ -550,6 +605,8 @@ class Exporter:
                 await channel.close()
             await self.link.close()
             await self.root.aclose()
+            if self.watcher is not None:
+                await self.watcher.aclose()
             self._remove_signals()
 
     def _install_signals(self) -> None:
@@ -571,7 +628,7 @@ class Exporter:
             else:
                 log.info("SIGHUP: exiting after the current lease", lease=self.lease)
                 self.stop_after_lease = True
-                self.notifier.status(f"leased by {self.client}; exiting after this lease")
+                self.notifier.status(self._steady_status())
             return
         self._signals += 1
         if self._signals > 1:

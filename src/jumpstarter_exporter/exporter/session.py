@@ -105,14 +105,19 @@ class Session:
         self._seen = asyncio.Event()
         self.logs = LogBus()
         self.drivers: dict[str, Driver] = {}
-        self.reports: list[jumpstarter_pb2.DriverInstanceReport] = []
-        for driver, parent, name in root.walk():
+        for driver, _parent, _name in root.walk():
             self.drivers.setdefault(driver.uuid, driver)
-            self.reports.append(driver.report(parent, name))
         self.server: grpc.aio.Server | None = None
         self._tmpdir: tempfile.TemporaryDirectory | None = None
         self.socket_path: Path | None = None
         self.streams = 0
+
+    @property
+    def reports(self) -> list[jumpstarter_pb2.DriverInstanceReport]:
+        """The driver reports as of now (built per GetReport: a driver's labels can change,
+        e.g. ``jumpstarter.dev/available=false`` while its device is unplugged; the uuids
+        are the drivers' own and never change)."""
+        return [driver.report(parent, name) for driver, parent, name in self.root.walk()]
 
     # --- status -------------------------------------------------------------------------
 
@@ -313,6 +318,12 @@ class _DriverStreams(router_pb2_grpc.RouterServiceServicer):
                     stream = await stack.enter_async_context(opener())
                 except Exception as exc:  # noqa: BLE001 - e.g. the device is unplugged
                     code, details = grpc_status_for(exc)
+                    log.info(
+                        "driver stream failed",
+                        method=request.get("method"),
+                        code=code.name,
+                        error=details,
+                    )
                     await context.abort(code, details)
                 await frames.serve_byte_stream(stream, context)
         finally:

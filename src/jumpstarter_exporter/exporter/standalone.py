@@ -7,6 +7,7 @@ import asyncio
 import hmac
 import signal
 import uuid as uuidlib
+from collections.abc import Callable
 
 import grpc
 import grpc.aio
@@ -14,9 +15,11 @@ import structlog
 
 from jumpstarter_exporter._proto.jumpstarter.v1 import common_pb2
 from jumpstarter_exporter.config.models import ExporterConfig
+from jumpstarter_exporter.drivers.base import Driver
 from jumpstarter_exporter.drivers.registry import build_tree
 from jumpstarter_exporter.errors import ConfigError, ExitCode
 from jumpstarter_exporter.exporter import hooks
+from jumpstarter_exporter.exporter.daemon import start_device_watcher
 from jumpstarter_exporter.exporter.notify import Notifier
 from jumpstarter_exporter.exporter.session import Session
 
@@ -85,6 +88,36 @@ async def serve_standalone(
     elif passphrase:
         log.warning("--passphrase travels in clear text without TLS")
     root = build_tree(config)
+    state = {"status": "starting"}
+
+    def show(status: str | None = None) -> str:
+        if status is not None:
+            state["status"] = status
+        devices = watcher.status_text() if watcher is not None else ""
+        return f"{state['status']}; {devices}" if devices else state["status"]
+
+    def on_device_change(_watch: object) -> None:
+        if notifier.ready_sent:
+            notifier.status(show())
+
+    watcher = start_device_watcher(root, on_device_change)
+    try:
+        return await _serve(config, root, show, host, port, notifier, credentials, passphrase)
+    finally:
+        if watcher is not None:
+            await watcher.aclose()
+
+
+async def _serve(
+    config: ExporterConfig,
+    root: Driver,
+    show: Callable[[str], str],
+    host: str,
+    port: int,
+    notifier: Notifier,
+    credentials: grpc.ServerCredentials | None,
+    passphrase: str | None,
+) -> ExitCode:
     session = Session(root, str(uuidlib.uuid4()), {}, config.motd or "")
     interceptors = [PassphraseInterceptor(passphrase)] if passphrase else []
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -115,7 +148,7 @@ async def serve_standalone(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, stop.set)
-    notifier.ready(f"serving standalone on {host}:{bound}")
+    notifier.ready(show(f"serving standalone on {host}:{bound}"))
     log.info("serving standalone", host=host, port=bound, tls=credentials is not None)
     watchdog = asyncio.ensure_future(notifier.watchdog())
     try:
