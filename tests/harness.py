@@ -299,3 +299,15 @@ def upstream_create_lease(
     name = created.stdout.strip().splitlines()[-1].rsplit("/", 1)[-1]
     assert name, created.stdout
     return name
+
+
+def upstream_delete_lease(client: Path, env: dict[str, str], name: str) -> None:
+    """``jmp delete leases NAME`` with upstream 0.9's CLI (plural, as 0.9 spells it)."""
+    deleted = subprocess.run(
+        ["jmp", "delete", "leases", "--client-config", str(client), name],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert deleted.returncode == 0, deleted.stderr

@@ -17,6 +17,7 @@ from tests.harness import (
     NotifySocket,
     start_exporter,
     upstream_create_lease,
+    upstream_delete_lease,
     upstream_env,
     wait_for,
 )
@@ -190,14 +191,7 @@ def test_a_lease_never_dialled_ends_the_same_way(
         up = upstream_env(upstream_venv, ctl.env, tmp_path / "up-home")
         name = upstream_create_lease(client, up, "board=b1")
         wait_for(lambda: exp.has_event("lease started"), 20, what="the lease to start")
-        deleted = subprocess.run(
-            ["jmp", "delete", "leases", "--client-config", str(client), name],
-            env=up,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert deleted.returncode == 0, deleted.stderr
+        upstream_delete_lease(client, up, name)
         assert exp.wait(30) == 0
         assert exp.has_event("lease ended")
     finally:

@@ -28,6 +28,7 @@ from tests.harness import (
     socat_pty_pair,
     start_exporter,
     upstream_create_lease,
+    upstream_delete_lease,
     upstream_env,
     wait_for,
 )
@@ -348,14 +349,7 @@ def test_controller_restart_mid_lease(setup, tmp_path: Path, notify: NotifySocke
         # once reconnected, STATUS no longer claims the controller is down
         assert notify.statuses()[-1].startswith("leased by cl1"), notify.statuses()[-3:]
 
-        deleted = subprocess.run(
-            ["jmp", "delete", "leases", "--client-config", str(client), lease],
-            env=up,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert deleted.returncode == 0, deleted.stderr
+        upstream_delete_lease(client, up, lease)
         assert exp.wait(30) == 0
         assert notify.seen("STOPPING=1")
     finally:
