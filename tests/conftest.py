@@ -10,16 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import unmet
+
 REPO = Path(__file__).resolve().parent.parent
 HOST_UDEVD = REPO.parent / "shared" / "tools" / "host-udevd"
-IN_CI = os.environ.get("CI") == "true"
-
-
-def unmet(reason: str) -> None:
-    """A missing prerequisite: fail in CI (it must be provided there), skip elsewhere."""
-    if IN_CI:
-        pytest.fail(reason)
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

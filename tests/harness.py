@@ -19,6 +19,16 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 JMP = REPO / ".venv" / "bin" / "jmp"
+IN_CI = os.environ.get("CI") == "true"
+
+
+def unmet(reason: str) -> None:
+    """A missing prerequisite: fail in CI (it must be provided there), skip elsewhere."""
+    import pytest
+
+    if IN_CI:
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1, what: str = "condition"):

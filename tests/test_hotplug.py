@@ -41,9 +41,9 @@ from jumpstarter_exporter.hotplug import (
     resolve,
     udev_running,
 )
+from tests.harness import unmet
 
 REPO = Path(__file__).resolve().parent.parent
-IN_CI = os.environ.get("CI") == "true"
 TTYS0 = Path("/sys/class/tty/ttyS0")
 VT = 47  # a virtual console nobody uses; allocating it makes vcs47/vcsa47/vcsu47 appear
 VT_DISALLOCATE = 0x5608
@@ -58,13 +58,6 @@ RULE_TEXT = (
     f'ACTION!="remove", SUBSYSTEM=="tty", KERNEL=="{RULE_TTY}", '
     'ENV{SYNTH_ARG_JMPHOTPLUG}=="?*", ENV{JMP_HOTPLUG_TEST}="$env{SYNTH_ARG_JMPHOTPLUG}"\n'
 )
-
-
-def unmet(reason: str) -> None:
-    """A missing prerequisite: fail in CI (it must be provided there), skip elsewhere."""
-    if IN_CI:
-        pytest.fail(reason)
-    pytest.skip(reason)
 
 
 # --- fixtures -------------------------------------------------------------------------------

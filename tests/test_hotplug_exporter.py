@@ -40,6 +40,7 @@ from tests.harness import (
     NotifySocket,
     start_exporter,
     stop_process,
+    unmet,
     upstream_env,
     wait_for,
 )
@@ -47,14 +48,7 @@ from tests.harness import (
 pytestmark = pytest.mark.interop
 
 PYSERIAL = "jumpstarter_driver_pyserial.driver.PySerial"
-IN_CI = os.environ.get("CI") == "true"
 WAITING = "waiting for lease"
-
-
-def unmet(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(reason)
-    pytest.skip(reason)
 
 
 class Link:
