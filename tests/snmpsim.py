@@ -11,7 +11,7 @@ What the agent serves (SNMPv1/v2c community = SNMPv3 context name = data file na
 ==================  ==========================================================================
 ``apc``             APC Rack PDU, 8 outlets: ``rPDUOutletControlOutletCommand`` with
                     ``rPDUOutletStatusOutletState``, ``sPDUOutletCtl``, ``rPDU2`` control
-                    (read-write)
+                    (read-write); static metering rows ``METER_VOLTAGE``/``METER_CURRENT``
 ``apc-ro``          the same PDU, every column read-only (a read community)
 ``raritan``         Raritan PX2 (PDU2-MIB, pduId 1), 8 outlets: ``switchingOperation`` with
                     ``outletSwitchingState``
@@ -71,6 +71,11 @@ APC_RPDU2_CMD = "1.3.6.1.4.1.318.1.1.26.9.2.4.1.5"
 RARITAN_SWITCH = "1.3.6.1.4.1.13742.6.4.1.2.1.2.1"  # .<pduId 1>
 RARITAN_STATE = "1.3.6.1.4.1.13742.6.4.1.2.1.3.1"
 POE_ADMIN = "1.3.6.1.2.1.105.1.1.1.3.1"  # .<group 1>
+# Static metering rows in the APC data files (a test-only enterprise, not a vendor MIB):
+# outlet 3 reads 2300 (tenths of volts) and 15 (tenths of amps) as Integer32; outlet 5 has
+# only a current, 20 as a Gauge32. Other outlets have no readings.
+METER_VOLTAGE = "1.3.6.1.4.1.99999.1.1"
+METER_CURRENT = "1.3.6.1.4.1.99999.1.2"
 
 # --- the variation module ------------------------------------------------------------------
 
@@ -168,6 +173,11 @@ def apc_records(access: str = "rw") -> str:
     rows += _outlet_rows("apc", APC_SPDU_CTL, access, on=1, off=2, min=1, max=7, cycle=3)
     # rPDU2OutletSwitchedControlCommand: 1 immediateOn .. 8 cancelPendingCommand
     rows += _outlet_rows("apc", APC_RPDU2_CMD, access, on=1, off=2, min=1, max=8, cycle=3)
+    rows += [
+        (f"{METER_VOLTAGE}.3", "2|2300"),
+        (f"{METER_CURRENT}.3", "2|15"),
+        (f"{METER_CURRENT}.5", "66|20"),
+    ]
     return _snmprec(rows)
 
 

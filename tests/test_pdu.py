@@ -48,6 +48,8 @@ from tests.snmpsim import (
     LAB_AUTH,
     LAB_PRIV,
     LAB_USER,
+    METER_CURRENT,
+    METER_VOLTAGE,
     OUTLETS,
     POE_ADMIN,
     RARITAN_STATE,
@@ -344,12 +346,71 @@ def test_unresolvable_host_is_unavailable() -> None:
     assert "pdu.invalid" in str(info.value) and "c0mmunity-secret" not in str(info.value)
 
 
-def test_read_is_unimplemented(sim: SnmpSim) -> None:
+def test_read_is_unimplemented_without_metering_oids(sim: SnmpSim) -> None:
     driver = pdu(sim, community="apc")
     with pytest.raises(NotImplementedError) as info:
         run(collect(invoke_streaming(driver, "read")))
     assert grpc_status_for(info.value)[0] == grpc.StatusCode.UNIMPLEMENTED
-    assert "no power readings" in str(info.value)
+    text = str(info.value)
+    assert "no power readings configured" in text
+    assert "set voltage_oid and/or current_oid" in text and "current_scale" in text
+
+
+METERING = {
+    "voltage_oid": METER_VOLTAGE + ".{outlet}",
+    "current_oid": METER_CURRENT + ".{outlet}",
+    "voltage_scale": 0.1,
+    "current_scale": 0.1,
+}
+
+
+def test_read_yields_the_scaled_metering_values(sim: SnmpSim) -> None:
+    driver = pdu(sim, community="apc", outlet=3, **METERING)
+    assert driver.settings.voltage_oid == f"{METER_VOLTAGE}.3"
+    readings = run(collect(invoke_streaming(driver, "read")))
+    assert [dict(r) for r in readings] == [{"voltage": 230.0, "current": 1.5}]
+    # works the same over SNMPv3 and with any profile's switching keys
+    v3 = pdu(
+        sim, username=LAB_USER, password=LAB_AUTH, priv_password=LAB_PRIV, context="apc",
+        profile="apc-rpdu2", outlet=3, **METERING,
+    )  # fmt: skip
+    assert [dict(r) for r in run(collect(invoke_streaming(v3, "read")))] == [
+        {"voltage": 230.0, "current": 1.5}
+    ]
+
+
+def test_read_with_only_a_current_oid_reads_zero_volts(sim: SnmpSim) -> None:
+    """A Gauge32 is accepted; the unconfigured voltage reads 0.0; no scale is 1.0."""
+    driver = pdu(sim, community="apc", outlet=5, current_oid=f"{METER_CURRENT}.5")
+    readings = run(collect(invoke_streaming(driver, "read")))
+    assert [dict(r) for r in readings] == [{"voltage": 0.0, "current": 20.0}]
+
+
+@pytest.mark.parametrize("version", ["v2c", "v1"])
+def test_read_of_a_missing_metering_oid_is_no_such(sim: SnmpSim, version: str) -> None:
+    driver = pdu(sim, community="apc", outlet=4, version=version, **METERING)
+    with pytest.raises(PduNoSuchOutlet) as info:
+        run(collect(invoke_streaming(driver, "read")))
+    text = str(info.value)
+    assert f"GET {METER_VOLTAGE}.4" in text and "check voltage_oid" in text
+    assert ("noSuchInstance" if version == "v2c" else "noSuchName") in text
+    assert "outlet 4" in text
+
+
+def test_metering_placeholders_are_substituted() -> None:
+    s = PduPower(
+        {"host": "h", "outlet": 7, "pdu_id": 2, "voltage_oid": ".1.3.6.1.4.1.9.{pdu_id}.{outlet}"}
+    ).settings
+    assert (s.voltage_oid, s.current_oid, s.voltage_scale) == ("1.3.6.1.4.1.9.2.7", None, 1.0)
+
+
+def test_read_of_an_unreachable_pdu_is_unavailable(sim: SnmpSim) -> None:
+    secret = "m3ter-community"
+    driver = pdu(sim, community=secret, outlet=3, timeout=0.3, retries=0, **METERING)
+    with pytest.raises(PduUnreachable) as info:
+        run(collect(invoke_streaming(driver, "read")))
+    assert f"GET {METER_VOLTAGE}.3" in str(info.value) and secret not in str(info.value)
+    assert grpc_status_for(info.value)[0] == grpc.StatusCode.UNAVAILABLE
 
 
 def test_concurrent_calls_are_serialised(sim: SnmpSim) -> None:
@@ -515,6 +576,9 @@ def test_upstream_snmp_driver_switches_the_simulated_raritan(sim: SnmpSim) -> No
         ({"host": "h", "pdu_id": 2}, "pdu_id is not used by profile apc-rpdu"),
         ({"host": "h", "profile": "custom", "control_oid": "x", "on_value": 1}, "numeric OID"),
         ({"host": "h", "outlet": 0}, "outlet"),
+        ({"host": "h", "voltage_oid": "1.3.x.{outlet}"}, "{outlet} and {pdu_id} placeholders"),
+        ({"host": "h", "current_scale": 0.1}, "current_scale needs current_oid"),
+        ({"host": "h", "current_oid": "1.3.6.1", "current_scale": 0}, "current_scale"),
         ({"host": "h", "bogus": 1}, "bogus"),
     ],
 )  # fmt: skip

@@ -22,9 +22,13 @@ pysnmp (its asyncio API) is imported on first use, so an exporter without a PDU 
 it. Each operation uses its own SNMP engine, closed when the operation ends: nothing stays
 open between calls, and ``cycle`` (off, wait, on) runs under the driver's lock.
 
-``read`` (upstream's power readings) raises ``NotImplementedError`` (the client sees
-UNIMPLEMENTED): the built-in profiles switch outlets but measure nothing that is common to
-all models, and a made-up 0 V / 0 A reading would be indistinguishable from a dead load.
+``read`` (upstream's power readings, a stream of ``{"voltage", "current"}``) needs metering
+OIDs from the config, because the built-in profiles measure nothing that is common to all
+models: ``voltage_oid`` and/or ``current_oid`` are full OIDs, GET as written after
+substituting ``{outlet}`` and ``{pdu_id}``; the INTEGER (or Gauge32) read is multiplied by
+``voltage_scale``/``current_scale`` (default 1.0; e.g. 0.1 for tenths of amps). Each call
+yields one reading; a field whose OID is not configured reads 0.0. With neither configured,
+``read`` raises ``NotImplementedError`` (the client sees UNIMPLEMENTED) naming those keys.
 ``state()`` is the outlet's confirmed state (``True`` on).
 
 Upstream's SNMP driver (``jumpstarter_driver_snmp.driver.SNMPServer``: v3 only, on=1/off=0
@@ -41,6 +45,7 @@ import importlib
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -208,6 +213,25 @@ _CUSTOM_KEYS = (
 )
 
 
+_PLACEHOLDERS = ("{outlet}", "{pdu_id}")
+
+
+def _metering_oid(value: str | None) -> str | None:
+    """A metering OID: numeric, except that ``{outlet}``/``{pdu_id}`` may stand for a part."""
+    if value is None:
+        return None
+    value = str(value).strip().removeprefix(".")
+    probe = value
+    for placeholder in _PLACEHOLDERS:
+        probe = probe.replace(placeholder, "1")
+    if not _OID.match(probe):
+        raise ValueError(
+            "must be a numeric OID, optionally with {outlet} and {pdu_id} placeholders, "
+            "such as 1.3.6.1.4.1.318.1.1.26.9.4.3.1.6.{outlet}"
+        )
+    return value
+
+
 def _oid(value: str | None) -> str | None:
     if value is None:
         return None
@@ -264,6 +288,10 @@ class PduSettings:
     pdu_id: int
     cycle_wait: float
     confirm_timeout: float
+    voltage_oid: str | None = None  # resolved: placeholders substituted
+    current_oid: str | None = None
+    voltage_scale: float = 1.0
+    current_scale: float = 1.0
 
     @property
     def control_oid(self) -> str:
@@ -308,6 +336,11 @@ class PduPowerConfig(DriverConfig):
     off_value: int | None = None
     status_on_value: int | None = None
     status_off_value: int | None = None
+    # Power readings (any profile): full OIDs with {outlet}/{pdu_id} placeholders, and scales
+    voltage_oid: str | None = None
+    current_oid: str | None = None
+    voltage_scale: float = Field(1.0, gt=0, allow_inf_nan=False)
+    current_scale: float = Field(1.0, gt=0, allow_inf_nan=False)
 
     @field_validator("version", mode="before")
     @classmethod
@@ -328,6 +361,11 @@ class PduPowerConfig(DriverConfig):
     @classmethod
     def _numeric_oid(cls, value: str | None) -> str | None:
         return _oid(value)
+
+    @field_validator("voltage_oid", "current_oid")
+    @classmethod
+    def _metering(cls, value: str | None) -> str | None:
+        return _metering_oid(value)
 
     @field_validator("host")
     @classmethod
@@ -365,13 +403,20 @@ class PduPowerConfig(DriverConfig):
                     raise ValueError(f"{key} is SNMPv3 only (version is {version})")
             if self.context:
                 raise ValueError(f"context is SNMPv3 only (version is {version})")
-        if "pdu_id" in self.model_fields_set and not (
-            self.profile in PROFILES and PROFILES[self.profile].pdu_in_index
+        metering = (self.voltage_oid, self.current_oid)
+        if (
+            "pdu_id" in self.model_fields_set
+            and not (self.profile in PROFILES and PROFILES[self.profile].pdu_in_index)
+            and not any(oid and "{pdu_id}" in oid for oid in metering)
         ):
             raise ValueError(
-                f"pdu_id is not used by profile {self.profile} (only raritan and poe); "
-                "for custom, put it in control_oid"
+                f"pdu_id is not used by profile {self.profile} (only raritan and poe, or a "
+                "{pdu_id} placeholder in voltage_oid/current_oid); for custom, put it in "
+                "control_oid"
             )
+        for kind in ("voltage", "current"):
+            if f"{kind}_scale" in self.model_fields_set and getattr(self, f"{kind}_oid") is None:
+                raise ValueError(f"{kind}_scale needs {kind}_oid")
         if self.profile == "custom":
             for key in ("control_oid", "on_value", "off_value"):
                 if getattr(self, key) is None:
@@ -452,7 +497,16 @@ class PduPowerConfig(DriverConfig):
             pdu_id=self.pdu_id,
             cycle_wait=self.cycle_wait,
             confirm_timeout=self.confirm_timeout,
+            voltage_oid=self._substitute(self.voltage_oid),
+            current_oid=self._substitute(self.current_oid),
+            voltage_scale=self.voltage_scale,
+            current_scale=self.current_scale,
         )
+
+    def _substitute(self, template: str | None) -> str | None:
+        if template is None:
+            return None
+        return template.replace("{outlet}", str(self.outlet)).replace("{pdu_id}", str(self.pdu_id))
 
 
 # --- SNMP -----------------------------------------------------------------------------------
@@ -531,13 +585,15 @@ class _SnmpSession:
         community = snmp.write_community if write else snmp.read_community
         return hl.CommunityData(community, mpModel=0 if snmp.version == "v1" else 1)
 
-    async def get(self, oid: str) -> int:
-        return await self._request(oid, None)
+    async def get(self, oid: str, key: str | None = None) -> int:
+        """GET an INTEGER. ``key``: the config key ``oid`` came from (a metering OID): its
+        name goes into a no-such error, and a Gauge32/Unsigned32 is accepted too."""
+        return await self._request(oid, None, key)
 
     async def set(self, oid: str, value: int) -> None:
         await self._request(oid, value)
 
-    async def _request(self, oid: str, value: int | None) -> int:
+    async def _request(self, oid: str, value: int | None, key: str | None = None) -> int:
         hl, snmp = self._hl, self._snmp
         write = value is not None
         where = self._settings.where(write)
@@ -572,15 +628,18 @@ class _SnmpSession:
         if err_status:
             status = err_status.prettyPrint()
             if status in ("noSuchName", "noCreation"):
-                raise PduNoSuchOutlet(
-                    f"{where}: {what} refused with {status}: the PDU has no such outlet "
-                    "(check outlet, pdu_id and profile)"
-                )
+                raise PduNoSuchOutlet(f"{where}: {what} refused with {status}: {_no_such(key)}")
             raise PduRejected(f"{where}: {what} refused by the PDU with {status}")
-        return self._check_varbinds(where, what, oid, value, binds)
+        return self._check_varbinds(where, what, oid, value, binds, key)
 
     def _check_varbinds(
-        self, where: str, what: str, oid: str, value: int | None, binds: Any
+        self,
+        where: str,
+        what: str,
+        oid: str,
+        value: int | None,
+        binds: Any,
+        key: str | None = None,
     ) -> int:
         """The single varbind of a response: the OID asked for, an INTEGER, and for a SET the
         value sent. Agents answer a missing instance with a no-such value, not an error."""
@@ -596,18 +655,24 @@ class _SnmpSession:
             (rfc1905.EndOfMibView, "endOfMibView"),
         ):
             if isinstance(got, cls):
-                raise PduNoSuchOutlet(
-                    f"{where}: {what} answered {name}: the PDU has no such outlet "
-                    "(check outlet, pdu_id and profile)"
-                )
+                raise PduNoSuchOutlet(f"{where}: {what} answered {name}: {_no_such(key)}")
         univ = importlib.import_module("pyasn1.type.univ")
-        if not isinstance(got, univ.Integer) or got.tagSet != univ.Integer.tagSet:
+        tags = [univ.Integer.tagSet]
+        if key is not None:
+            tags.append(importlib.import_module("pysnmp.proto.rfc1902").Gauge32.tagSet)
+        if not isinstance(got, univ.Integer) or got.tagSet not in tags:
             raise PduRejected(
                 f"{where}: {what} answered a {got.__class__.__name__}, not an INTEGER"
             )
         if value is not None and int(got) != value:
             raise PduRejected(f"{where}: {what} answered {int(got)} instead of {value}")
         return int(got)
+
+
+def _no_such(key: str | None) -> str:
+    if key is None:
+        return "the PDU has no such outlet (check outlet, pdu_id and profile)"
+    return f"the PDU has no such OID (check {key}, outlet and pdu_id)"
 
 
 def _errind() -> Any:
@@ -672,13 +737,26 @@ class PduPower(Driver):
 
     @export
     async def read(self) -> AsyncIterator[PowerReading]:
-        """Not available over SNMP for these profiles (UNIMPLEMENTED)."""
-        raise NotImplementedError(
-            f"PDU {self.settings.snmp.host}:{self.settings.snmp.port} outlet "
-            f"{self.settings.outlet}: profile {self.settings.profile.name} has no power "
-            "readings; only on, off, cycle and state"
-        )
-        yield  # pragma: no cover - makes this an async generator (a StreamingDriverCall)
+        """One reading from the configured metering OIDs (UNIMPLEMENTED without any)."""
+        s = self.settings
+        if s.voltage_oid is None and s.current_oid is None:
+            raise NotImplementedError(
+                f"PDU {s.snmp.host}:{s.snmp.port} outlet {s.outlet}: no power readings "
+                f"configured (profile {s.profile.name} switches outlets but measures nothing "
+                "common to all models); set voltage_oid and/or current_oid (and "
+                "voltage_scale/current_scale) in the driver's config"
+            )
+        values = {"voltage": 0.0, "current": 0.0}
+        async with _SnmpSession(s) as snmp:
+            for kind, oid, scale in (
+                ("voltage", s.voltage_oid, s.voltage_scale),
+                ("current", s.current_oid, s.current_scale),
+            ):
+                if oid is not None:
+                    raw = await snmp.get(oid, key=f"{kind}_oid")
+                    # as decimals: 15 * 0.1 is 1.5, not 1.5000000000000002
+                    values[kind] = float(Decimal(raw) * Decimal(repr(scale)))
+        yield PowerReading(**values)
 
     # -- internals ---------------------------------------------------------------------------
 
