@@ -191,10 +191,7 @@ class ClientService(client_pb2_grpc.ClientServiceServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"lease {lease.name} has already been released",
             )
-        lease.released = True
-        self.core.store.update_lease(lease)
-        log.info("lease release requested", lease=lease.name, by=str(me))
-        self.core.reconcile()
+        self.core.release_lease(lease, me)
         return empty_pb2.Empty()
 
     async def RotateToken(self, request, context):

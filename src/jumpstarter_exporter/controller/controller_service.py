@@ -259,10 +259,7 @@ class ControllerService(jumpstarter_pb2_grpc.ControllerServiceServicer):
                 f"permission denied: lease {lease.name} is not held by {me}",
             )
         if not lease.ended and not lease.released:
-            lease.released = True
-            self.core.store.update_lease(lease)
-            log.info("lease release requested", lease=lease.name, by=str(me))
-            self.core.reconcile()
+            self.core.release_lease(lease, me)
         return jumpstarter_pb2.ReleaseLeaseResponse()
 
     async def GetLease(self, request, context):

@@ -136,6 +136,13 @@ class Core:
         self.reconcile()
         return self.store.get_lease(namespace, name) or lease
 
+    def release_lease(self, lease: Lease, by: Identity) -> None:
+        """Mark ``lease`` released (by a client or its exporter) and end it at once."""
+        lease.released = True
+        self.store.update_lease(lease)
+        log.info("lease release requested", lease=lease.name, by=str(by))
+        self.reconcile()
+
     def lease_for_exporter(self, namespace: str, exporter: str) -> Lease | None:
         return leases.active_lease_for(self.store, namespace, exporter)
 
