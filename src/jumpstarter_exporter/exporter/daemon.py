@@ -134,6 +134,11 @@ class StatusReporter:
         self.flushed.clear()
         self.changed.set()
 
+    def delivered(self, code: int, message: str) -> None:
+        """Record a status the caller already sent itself (nothing left to send)."""
+        self.wanted = self.sent = (code, message)
+        self.flushed.set()
+
     def resend(self) -> None:
         """After a reconnect the controller may have lost our state: send it again."""
         if self.wanted is not None:
@@ -254,11 +259,10 @@ class Exporter:
                 await self.link.connect()
                 await self.link.register(self.labels, reports)
                 self.registered = True
-                await self.link.report_status(
-                    S.EXPORTER_STATUS_AVAILABLE, "Exporter registered and available"
-                )
-                self.reporter.set(S.EXPORTER_STATUS_AVAILABLE, "Exporter registered and available")
-                self.reporter.sent = self.reporter.wanted
+                # Inline, not through the reporter: READY must wait until it was delivered.
+                available = (S.EXPORTER_STATUS_AVAILABLE, "Exporter registered and available")
+                await self.link.report_status(*available)
+                self.reporter.delivered(*available)
                 log.info("registered", devices=len(reports), attempts=attempts)
                 return
             except grpc.aio.AioRpcError as exc:
