@@ -17,7 +17,12 @@ from jumpstarter_exporter.errors import ExitCode, JumpstarterError
 COMMANDS = {
     "config": "jumpstarter_exporter.cli.config_cmd:config",
     "controller": "jumpstarter_exporter.cli.controller_cmd:controller",
+    "create": "jumpstarter_exporter.cli.lease_cmd:create",
+    "delete": "jumpstarter_exporter.cli.lease_cmd:delete",
+    "get": "jumpstarter_exporter.cli.lease_cmd:get",
+    "lab": "jumpstarter_exporter.cli.lab_cmd:lab",
     "run": "jumpstarter_exporter.cli.run_cmd:run",
+    "shell": "jumpstarter_exporter.cli.shell_cmd:shell",
 }
 
 
