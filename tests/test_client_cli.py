@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import subprocess
 import termios
 import time
@@ -268,3 +269,40 @@ def test_get_create_delete_with_each_output_format(lab: Lab) -> None:
     assert {r["state"] for r in json.loads(ended.stdout)["leases"]} == {"Ended"}
     again = lab.jmp("delete", "lease", name)
     assert again.returncode == 1 and "already been released" in again.stderr
+
+
+def test_signals_end_the_command_and_release_the_lease(lab: Lab) -> None:
+    """SIGTERM to jmp shell is passed on to the command; Ctrl-C (SIGINT to the terminal's
+    process group) ends the command; either way the lease is released afterwards."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc = subprocess.Popen(
+            lab.shell_argv("sh", "-c", "echo started; exec sleep 60"),
+            env=lab.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == b"started\n", proc.stderr.read()[-3000:]
+            if sig == signal.SIGTERM:
+                proc.send_signal(sig)  # to jmp shell alone
+            else:
+                os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C does
+            proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.returncode == 128 + sig, proc.stderr.read()[-3000:]
+        assert all(r["end"] for r in lease_rows(lab.ctl))
+        assert lab.exporter is not None and lab.exporter.wait(30) == 0
+        lab.start_exporter()
+
+
+def test_offline_exporter_times_out_with_75(lab: Lab) -> None:
+    assert lab.exporter is not None
+    lab.exporter.stop()
+    out = lab.shell("true", env={})
+    assert out.returncode == 75, out.stderr[-3000:]
+    assert "became free within" in out.stderr and "Offline" in out.stderr
+    assert all(r["end"] for r in lease_rows(lab.ctl))  # the waiting lease was deleted
