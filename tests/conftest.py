@@ -112,3 +112,45 @@ def controller(tmp_path: Path, config_env: dict[str, str]):
         yield ctl
     finally:
         ctl.stop()
+
+
+# --- container image (issue 7: tests/test_image.py, tests/test_units.py) -------------------
+
+SHARED_TOOLS = REPO.parent / "shared" / "tools"
+EXPORTER_IMAGE = "localhost/jumpstarter-exporter:latest"
+
+
+@pytest.fixture(scope="session")
+def exporter_image() -> str:
+    """The project image built from ./Containerfile on the registry-free local base image.
+
+    Tagged ``:latest`` because that is the tag the shipped Quadlet units run. Rebuilt once per
+    session; podman's layer cache makes an unchanged tree take about a second.
+    """
+    import shutil
+
+    if os.geteuid() != 0:
+        unmet("needs root (podman)")
+    if shutil.which("podman") is None:
+        unmet("podman is missing: run ../shared/tools/provision-podman")
+    base = os.environ.get("BASE_IMAGE", "localhost/bookworm-python:latest")
+    if subprocess.run(["podman", "image", "exists", base], timeout=60).returncode != 0:
+        unmet(f"base image {base} is missing: run ../shared/tools/base-image")
+    build = subprocess.run(
+        [
+            "podman",
+            "build",
+            "--build-arg",
+            f"BASE_IMAGE={base}",
+            "-t",
+            EXPORTER_IMAGE,
+            "-f",
+            str(REPO / "Containerfile"),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    return EXPORTER_IMAGE
