@@ -306,3 +306,37 @@ def test_offline_exporter_times_out_with_75(lab: Lab) -> None:
     assert out.returncode == 75, out.stderr[-3000:]
     assert "became free within" in out.stderr and "Offline" in out.stderr
     assert all(r["end"] for r in lease_rows(lab.ctl))  # the waiting lease was deleted
+
+
+def test_shell_on_an_existing_lease_leaves_it_held(lab: Lab) -> None:
+    created = lab.jmp("create", "lease", "--selector", "board=b1", "--duration", "5m", "-o", "name")
+    name = created.stdout.strip()
+    for _ in range(2):  # the same lease twice: the first shell did not end it
+        argv = lab.shell_argv("sh", "-c", 'j power on && echo "lease=$JMP_LEASE"')
+        argv[argv.index("--selector") : argv.index("--selector") + 2] = ["--lease", name]
+        out = subprocess.run(argv, env=lab.env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert f"lease={name}" in out.stdout
+    (row,) = lease_rows(lab.ctl)
+    assert row["name"] == name and not row["end"]
+    assert lab.exporter is not None and lab.exporter.proc.poll() is None
+    assert lab.jmp("delete", "lease", name).returncode == 0
+    assert lab.exporter.wait(30) == 0
+
+
+def test_sigterm_while_waiting_for_an_exporter_deletes_the_waiting_lease(lab: Lab) -> None:
+    assert lab.exporter is not None
+    lab.exporter.stop()  # offline: the lease stays pending
+    proc = subprocess.Popen(
+        lab.shell_argv("true"), env=lab.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        wait_for(lambda: lease_rows(lab.ctl), 30, what="the lease to be created")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    rows = lease_rows(lab.ctl)
+    assert len(rows) == 1 and rows[0]["end"], rows

@@ -25,22 +25,41 @@ from jumpstarter_exporter.cli.client_options import (
 from jumpstarter_exporter.client.lease import Lease
 
 
+class _Terminated(BaseException):
+    """SIGTERM/SIGHUP while leasing: unwind (releasing the lease), then exit 128+N."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, _frame) -> None:
+    raise _Terminated(signum)
+
+
 def _run(command: list[str], env: dict[str, str]) -> int:
     """Run ``command`` in the foreground and return its status (128+N for signal N).
 
     Ctrl-C reaches the command through the terminal; we only wait for it (then release the
     lease). A SIGTERM/SIGHUP sent to us is passed on to the command.
     """
-    proc = subprocess.Popen(command, env=env)
+    proc: subprocess.Popen | None = None
+    pending: list[int] = []
 
     def forward(signum: int, _frame) -> None:
-        if proc.poll() is None:
+        if proc is None:
+            pending.append(signum)  # arrived while starting it: sent once it runs
+        elif proc.poll() is None:
             proc.send_signal(signum)
 
-    # Python handlers (not SIG_IGN): the command itself starts with default dispositions.
+    # Installed before the command starts, so no signal finds a handler that unwinds. Python
+    # handlers, not SIG_IGN: the command itself starts with default dispositions.
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP)}
     previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda *_: None)
     try:
+        proc = subprocess.Popen(command, env=env)
+        for signum in pending:
+            proc.send_signal(signum)
         status = proc.wait()
     finally:
         for sig, handler in previous.items():
@@ -54,6 +73,12 @@ def _run(command: list[str], env: dict[str, str]) -> int:
 @client_config_options
 @click.option("-l", "--selector", default="", help="Label selector, e.g. board=rpi4,site=lab.")
 @click.option("-n", "--exporter-name", default="", help="Lease this exporter by name.")
+@click.option(
+    "--lease",
+    "lease_name",
+    default="",
+    help="Use this existing lease (from `jmp create lease`); it is not released on exit.",
+)
 @click.option(
     "--duration",
     type=DURATION,
@@ -73,6 +98,7 @@ def shell(
     client_config: Path | None,
     selector: str,
     exporter_name: str,
+    lease_name: str,
     duration: dt.timedelta,
     acquisition_timeout: float | None,
     command: tuple[str, ...],
@@ -85,12 +111,25 @@ def shell(
     Example:
       jmp shell --client lab --selector board=rpi4 -- j power cycle
     """
-    if not selector and not exporter_name:
-        raise click.UsageError("give --selector (e.g. board=rpi4) or --exporter-name")
+    if not selector and not exporter_name and not lease_name:
+        raise click.UsageError("give --selector (e.g. board=rpi4), --exporter-name or --lease")
     config = load_client_config(client_alias, client_config)
     timeout = acquisition_timeout or float(config.leases.acquisition_timeout)
     argv = list(command) or [os.environ.get("SHELL") or "/bin/sh"]
-    held = Lease(config, selector, duration, timeout, exporter_name=exporter_name)
+    # From here on a SIGTERM unwinds through the `with`, so the lease is released.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
+    held = Lease(
+        config, selector, duration, timeout, exporter_name=exporter_name, existing=lease_name
+    )
+    try:
+        status = _shell(held, command, argv)
+    except _Terminated as exc:
+        status = 128 + exc.signum
+    click.get_current_context().exit(status)
+
+
+def _shell(held: Lease, command: tuple[str, ...], argv: list[str]) -> int:
     with held as board:
         env = {
             **os.environ,
@@ -110,4 +149,4 @@ def shell(
         except FileNotFoundError:
             click.echo(f"Error: command not found: {argv[0]}", err=True)
             status = 127
-    click.get_current_context().exit(status)
+    return status

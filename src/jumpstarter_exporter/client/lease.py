@@ -233,7 +233,7 @@ class Controller:
                     )
                 raise LeaseTimeout(
                     f"no exporter matching '{lease.selector}' became free within {timeout:g} s"
-                    f"{why}; lease {short_name(name)} deleted"
+                    f"{why} (lease {short_name(name)})"
                 )
             await asyncio.sleep(POLL)
 
@@ -351,11 +351,15 @@ class Lease:
         timeout: float = 60.0,
         *,
         exporter_name: str = "",
+        existing: str = "",
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self.config = resolve_config(config, environ)
         self.selector = selector_text(selector)
-        if not self.selector and not exporter_name:
+        # ``existing``: a lease made beforehand (``jmp create lease``); it is used, not
+        # created, and left alone at the end (no EndSession, no delete), as upstream does.
+        self.existing = short_name(existing) if existing else ""
+        if not self.selector and not exporter_name and not self.existing:
             raise ConfigError("lease: give a selector (e.g. board=rpi4) or an exporter name")
         self.seconds = duration_seconds(duration)
         self.timeout = timeout
@@ -384,6 +388,9 @@ class Lease:
     def _acquire(self) -> Board:
         self.loop = LoopThread()
         self.loop.run(self.controller.open(), 30)
+        if self.existing:
+            self.loop.run(self.controller.get_lease(self.existing), CALL_TIMEOUT + 5)
+            return self._connect(self.existing)
         if self.selector and not self.exporter_name:
             # Fail at once, without a lease left waiting, when nothing could ever match
             # (the controller would keep such a lease pending, as upstream's does).
@@ -399,18 +406,22 @@ class Lease:
         )
         self.name = short_name(created.name)
         log.info("lease created", lease=self.name, selector=self.selector)
+        return self._connect(self.name)
+
+    def _connect(self, name: str) -> Board:
+        assert self.loop is not None
         assigned = self.loop.run(
-            self.controller.wait_assigned(self.name, self.timeout), self.timeout + CALL_TIMEOUT
+            self.controller.wait_assigned(name, self.timeout), self.timeout + CALL_TIMEOUT
         )
         exporter = short_name(assigned.exporter)
-        log.info("lease ready", lease=self.name, exporter=exporter)
+        log.info("lease ready", lease=name, exporter=exporter)
         dial_timeout = max(self.config.leases.dial_timeout, 5.0)
-        self.tunnels = Tunnels(self.controller, self.name, dial_timeout)
+        self.tunnels = Tunnels(self.controller, name, dial_timeout)
         self.loop.run(self.tunnels.start(), 10)
         self.board = Board(
             f"unix://{self.tunnels.path}",
             allow=self.allow,
-            lease_name=self.name,
+            lease_name=name,
             exporter_name=exporter,
             timeout=max(self.timeout, dial_timeout),
         )
@@ -421,7 +432,7 @@ class Lease:
         """EndSession (so afterLease hooks run while we wait), then DeleteLease. Never
         raises for a lease that is already gone; every step is bounded."""
         if self.board is not None:
-            if end_session:
+            if end_session and not self.existing:
                 with contextlib.suppress(grpc.RpcError, ClientError):
                     self.board.end_session()
             self.board.close()
