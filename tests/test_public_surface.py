@@ -74,7 +74,34 @@ def test_cli_commands() -> None:
         "config exporter delete",
         "config exporter edit",
         "config exporter check",
+        "shell",
+        "get",
+        "create",
+        "create lease",
+        "delete",
+        "delete lease",
+        "delete leases",
     } <= _commands(jmp)
+
+
+def test_client_api_surface() -> None:
+    """What test scripts and the lab import (the README documents it)."""
+    import inspect
+
+    from jumpstarter_exporter import client
+
+    assert {"lease", "connect", "ClientError", "Board"} <= set(client.__all__)
+    assert list(inspect.signature(client.lease).parameters) == [
+        "config",
+        "selector",
+        "duration",
+        "timeout",
+    ]
+    for name in client.__all__:
+        obj = getattr(client, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, client.ClientError)
+            assert issubclass(obj, errors.JumpstarterError)
 
 
 def test_upstream_flags_exist() -> None:
