@@ -47,6 +47,7 @@ with, and what the lab's board polls its outlet with (``SnmpGetter`` keeps one e
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import grp
 import os
@@ -281,6 +282,7 @@ class SnmpGetter:
         self.host, self.port, self.community, self.wait = host, port, community, wait
         self._engine: Any = None
         self._target: Any = None
+        self._init = asyncio.Lock()
 
     async def get(self, oid: str) -> int | str | None:
         """An int (or the type name of a non-integer value such as ``noSuchInstance``), or
@@ -296,11 +298,14 @@ class SnmpGetter:
             get_cmd,
         )
 
-        if self._engine is None:
-            self._engine = SnmpEngine()
-            self._target = await UdpTransportTarget.create(
-                (self.host, self.port), timeout=self.wait, retries=0
-            )
+        if self._target is None:
+            # Two first GETs at once must not both build (or half-see) the engine.
+            async with self._init:
+                if self._target is None:
+                    self._engine = SnmpEngine()
+                    self._target = await UdpTransportTarget.create(
+                        (self.host, self.port), timeout=self.wait, retries=0
+                    )
         err, status, _index, binds = await get_cmd(
             self._engine,
             CommunityData(self.community, mpModel=1),
@@ -319,7 +324,7 @@ class SnmpGetter:
     def close(self) -> None:
         if self._engine is not None:
             self._engine.close_dispatcher()
-            self._engine = None
+            self._engine = self._target = None
 
 
 async def snmp_get(
@@ -463,8 +468,6 @@ class SnmpSim:
             )
 
     def _wait_ready(self) -> None:
-        import asyncio
-
         assert self.proc is not None
         community = self.files[0]
         deadline = time.monotonic() + self.start_timeout

@@ -49,6 +49,7 @@ from jumpstarter_exporter.lab.pdusim import (
     LAB_FILES,
     METER_CURRENT,
     METER_VOLTAGE,
+    REPO,
     SYS_DESCR,
     SnmpSim,
     SnmpSimUnavailable,
@@ -100,15 +101,16 @@ class Report:
         return time.monotonic() - self.t0
 
     def line(self, step: str, text: str) -> None:
-        with self.lock:
-            if not self.muted:
-                self.out.write(f"{self.elapsed():5.1f}s  {step:<12} {text}\n")
-                self.out.flush()
+        if not self.muted:
+            self.plain(f"{self.elapsed():5.1f}s  {step:<12} {text}")
 
     def plain(self, text: str) -> None:
         with self.lock:
-            self.out.write(text + "\n")
-            self.out.flush()
+            try:
+                self.out.write(text + "\n")
+                self.out.flush()
+            except OSError:
+                pass  # a closed pipe (| head): the lab still runs and stops cleanly
 
 
 def jmp_argv() -> list[str]:
@@ -195,6 +197,7 @@ class Lab:
     sim: SnmpSim | None = None
     port: int = 0
     pdu_port: int = 0
+    closing: bool = False
 
     @property
     def logs(self) -> Path:
@@ -292,10 +295,7 @@ class Lab:
         }
 
     async def start_pdu(self) -> None:
-        try:
-            venv = await asyncio.to_thread(snmpsim_venv, False)
-        except SnmpSimUnavailable as exc:
-            raise StepFailed("pdu", str(exc)) from exc
+        venv = await self._snmpsim_venv()
         self.sim = SnmpSim(venv, files=LAB_FILES)
         argv = self.sim.prepare()
         self.pdu_port = self.sim.port
@@ -310,6 +310,24 @@ class Lab:
             "pdu",
             f"snmpsim as an APC rack PDU on udp/127.0.0.1:{self.pdu_port}, outlets off",
         )
+
+    async def _snmpsim_venv(self) -> Path:
+        """From a checkout, ``scripts/snmpsim-venv`` builds it (once: minutes) or finds it
+        (at once); as a process of ours, so Ctrl-C during a build stops it too."""
+        script = REPO / "scripts" / "snmpsim-venv"
+        if script.exists():
+            log_path = self.logs / "snmpsim-venv.log"
+            env = dict(self.env)
+            env.update({k: v for k, v in os.environ.items() if k.startswith("JMP_SNMPSIM_")})
+            proc = await self._spawn("snmpsim-venv", [str(script)], log_path, env)
+            if await proc.wait() != 0:
+                raise StepFailed("pdu", f"scripts/snmpsim-venv failed:\n{_tail(log_path)}")
+            lines = log_path.read_text().strip().splitlines()
+            return Path(lines[-1]) if lines else Path()
+        try:
+            return snmpsim_venv(build=False)
+        except SnmpSimUnavailable as exc:
+            raise StepFailed("pdu", str(exc)) from exc
 
     async def start_board(self) -> None:
         self.run.mkdir(parents=True, exist_ok=True)
@@ -336,6 +354,8 @@ class Lab:
     async def start_exporter(self, config: Path, clog: JsonLog) -> None:
         argv = [*jmp_argv(), "--log-format", "json", "run", "--exporter-config", str(config)]
         mark = clog.mark()
+        if self.closing:
+            raise asyncio.CancelledError
         self.supervisor = Supervisor(argv, self.logs / "exporter.log", self.env)
         self.supervisor.start()
         started = await self._next_event("exporter", "started")
@@ -364,10 +384,12 @@ class Lab:
     # -- helpers -----------------------------------------------------------------------------
 
     async def _spawn(
-        self, name: str, argv: list[str], log_path: Path
+        self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None
     ) -> asyncio.subprocess.Process:
-        proc = await spawn(argv, log_path, self.env)
-        self.procs.append((name, proc))
+        if self.closing:
+            raise asyncio.CancelledError  # the lab is stopping: start nothing new
+        proc = await spawn(argv, log_path, self.env if env is None else env)
+        self.procs.append((name, proc))  # before any other await: stop_all will see it
         return proc
 
     def _alive(self, step: str, proc: asyncio.subprocess.Process, log_path: Path) -> None:
@@ -432,7 +454,8 @@ class Lab:
                 await self.supervisor.stop()
             except (TimeoutError, OSError) as exc:
                 problems.append(f"exporter supervisor: {exc!r}")
-        for name, proc in reversed(self.procs):
+        while self.procs:  # newest first; popped, so a second call stops only newcomers
+            name, proc = self.procs.pop()
             try:
                 await terminate(proc)
             except (TimeoutError, OSError) as exc:
@@ -481,45 +504,55 @@ async def up(directory: Path, out: TextIO, speed: float = 1.0) -> int:
     report.plain(f"Jumpstarter lab in {directory}  (logs: {lab.logs})")
 
     loop = asyncio.get_running_loop()
-    main = asyncio.current_task()
-    assert main is not None
-    caught: list[int] = []
+    signalled: asyncio.Future[int] = loop.create_future()
 
     def on_signal(signum: int) -> None:
-        if not caught:
-            main.cancel()
-        caught.append(signum)  # a second one changes nothing: the stop is already bounded
+        # A second signal changes nothing: the stop below is already bounded.
+        if not signalled.done():
+            signalled.set_result(signum)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
+    # The steps run as their own task, raced against a signal, rather than cancelling the
+    # main task from the handler: on Python 3.11 a cancellation that meets a finishing
+    # wait_for() is lost, and a lab that ignores Ctrl-C is worse than one that is slow to stop.
+    steps = loop.create_task(_steps(lab))
     code = EXIT_OK
     try:
-        try:
-            await _steps(lab)
-        except asyncio.CancelledError:
-            if not caught:
-                raise
+        await asyncio.wait({steps, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        if signalled.done():
+            lab.closing = True  # no process is started from here on
             report.muted = True  # a session thread may still be talking
-            report.plain(f"\nlab: {signal.Signals(caught[0]).name}, stopping everything")
-            code = EXIT_SIGINT if caught[0] == signal.SIGINT else EXIT_SIGTERM
-        except session.StepFailed as exc:
-            report.muted = True
-            report.plain(f"FAILED {exc.step}: {exc.message}\n(logs in {lab.logs})")
-            code = EXIT_FAILED
-        # Stopping is not interruptible: a second Ctrl-C would only leave things running.
-        problems = await asyncio.shield(lab.stop_all())
-        if problems:
-            report.plain("lab: could not stop: " + "; ".join(problems))
-            code = code or EXIT_FAILED
-        if code == EXIT_OK:
-            report.line("stop", "exporter, board, pdu and controller stopped")
-            report.plain(f"lab: all steps passed in {report.elapsed():.1f} s")
-        elif code in (EXIT_SIGINT, EXIT_SIGTERM):
-            report.plain("lab: stopped, nothing left running")
+            name = signal.Signals(signalled.result()).name
+            report.plain(f"\nlab: {name}, stopping everything")
+            code = EXIT_SIGINT if signalled.result() == signal.SIGINT else EXIT_SIGTERM
+            steps.cancel()
+            await asyncio.wait({steps}, timeout=2)
+        else:
+            try:
+                steps.result()
+            except session.StepFailed as exc:
+                report.muted = True
+                report.plain(f"FAILED {exc.step}: {exc.message}\n(logs in {lab.logs})")
+                code = EXIT_FAILED
     finally:
+        lab.closing = True
+        problems = await lab.stop_all()
+        if not steps.done():
+            steps.cancel()
+            await asyncio.wait({steps}, timeout=5)
+            problems += await lab.stop_all()  # anything it started meanwhile
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
         lock.close()
+    if problems:
+        report.plain("lab: could not stop: " + "; ".join(problems))
+        code = code or EXIT_FAILED
+    if code == EXIT_OK:
+        report.line("stop", "exporter, board, pdu and controller stopped")
+        report.plain(f"lab: all steps passed in {report.elapsed():.1f} s")
+    elif code in (EXIT_SIGINT, EXIT_SIGTERM):
+        report.plain("lab: stopped, nothing left running")
     return code
 
 
