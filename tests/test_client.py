@@ -21,7 +21,7 @@ from jumpstarter_exporter.client import (
     lease,
 )
 from jumpstarter_exporter.errors import ExitCode
-from tests.harness import Controller, socat_pty_pair, start_exporter, wait_for
+from tests.harness import JMP, Controller, socat_pty_pair, start_exporter, wait_for
 
 SERIAL = "jumpstarter_driver_pyserial.driver.PySerial"
 POWER = "jumpstarter_driver_power.driver.MockPower"
@@ -184,3 +184,37 @@ def test_refused_token_is_an_auth_error(lab) -> None:
     assert info.value.exit_code == ExitCode.NOPERM
     assert isinstance(info.value, ClientError)
     assert "forged-token" not in str(info.value)
+
+
+def test_end_session_first_lets_the_after_lease_hook_run_and_release(
+    controller: Controller, tmp_path: Path
+) -> None:
+    """With hooks: the lease waits for beforeLease, and on exit EndSession runs afterLease
+    while the client waits; the exporter then releases the lease itself (so the client's
+    EndSession really came first). Our `j` runs inside both hooks (JUMPSTARTER_HOST is the
+    exporter's hook socket)."""
+    trace = tmp_path / "trace.txt"
+    export = {"power": {"type": POWER}}
+    config = controller.create_exporter("ex1", {"board": "b1"}, export, tmp_path / "ex1.yaml")
+    data = yaml.safe_load(config.read_text())
+    data["hooks"] = {
+        "beforeLease": {"script": f"sleep 2; j power on && echo before >> {trace}"},
+        "afterLease": {"script": f"j power off && echo after >> {trace}"},
+    }
+    config.write_text(yaml.safe_dump(data))
+    client = tmp_path / "cl1.yaml"
+    controller.create_client("cl1", client, "--allow", "jumpstarter_driver_*")
+    env = {**controller.env, "PATH": f"{JMP.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    exporter = start_exporter(config, env, tmp_path / "exporter.log")
+    try:
+        wait_for(lambda: exporter.has_event("ready"), 30, what="exporter ready")
+        with lease(config=client, selector="board=b1") as board:
+            assert trace.read_text() == "before\n"  # ready only after the hook
+            board.power.on()
+            name = board.lease_name
+        assert trace.read_text() == "before\nafter\n"  # afterLease ran before we returned
+        assert exporter.wait(30) == 0, exporter.log()[-3000:]
+    finally:
+        exporter.stop()
+    releases = [e for e in controller.events() if e.get("event") == "lease release requested"]
+    assert [(e["lease"], e["by"]) for e in releases] == [(name, "exporter default/ex1")]
