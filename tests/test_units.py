@@ -443,15 +443,18 @@ def test_hung_exporter_is_killed_by_the_watchdog_and_restarted(
     box.sx("systemctl", "stop", unit)
 
 
-def test_controller_unit_keeps_its_state(box: Box) -> None:
+def test_controller_unit_keeps_its_state_and_serves_an_exporter_unit(box: Box) -> None:
     """The controller unit serves, and what admin commands create survives a restart (Quadlet:
-    on the named volume; plain: in StateDirectory)."""
+    on the named volume; plain: in StateDirectory): an exporter config made before the
+    restart (token, CA) registers with the restarted controller."""
     unit = "jumpstarter-controller.service"
+    exporter = "jumpstarter-exporter@kept.service"
     if box.flavour == "quadlet":
         admin = ["podman", "exec", "jumpstarter-controller", "jmp", "controller"]
+        state = []
     else:
         admin = ["/opt/jumpstarter/bin/jmp", "controller"]
-    state = ["--state-dir", "/var/lib/jumpstarter-controller"] if box.flavour == "plain" else []
+        state = ["--state-dir", "/var/lib/jumpstarter-controller"]
 
     def listening() -> bool:
         return "8082" in box.run("ss", "-Hltn", "sport = :8082").stdout
@@ -460,15 +463,38 @@ def test_controller_unit_keeps_its_state(box: Box) -> None:
     box.sx("systemctl", "start", unit, timeout=300)
     try:
         wait_for(listening, 60, interval=0.5, what="the controller on port 8082")
-        box.sx(*admin, "create", "exporter", "kept", "--label", "board=kept", *state)
+        made = box.sx(
+            *admin, "create", "exporter", "kept", "--label", "board=kept",
+            "--endpoint", "127.0.0.1:8082", *state,
+        )  # fmt: skip
+        config = yaml.safe_load(made)
+        config["export"] = EXPORT
+        box.write(f"{EXPORTERS}/kept.yaml", yaml.safe_dump(config), mode="0600")
         box.sx("systemctl", "restart", unit, timeout=300)
         wait_for(listening, 60, interval=0.5, what="the controller on port 8082 again")
         out = box.sx(*admin, "get", "exporters", "-o", "json", *state)
         assert [e["name"] for e in json.loads(out)["items"]] == ["kept"], out
+        box.sx("systemctl", "start", exporter, timeout=300)
+        props = box.props(exporter)
+        assert props["ActiveState"] == "active" and props["StatusText"] == WAITING, props
         if box.flavour == "quadlet":
             box.sx("podman", "volume", "inspect", "jumpstarter-controller")
     finally:
+        box.run("systemctl", "stop", exporter)
         box.sx("systemctl", "stop", unit)
+        box.sx("rm", "-f", f"{EXPORTERS}/kept.yaml")
+
+
+def test_documented_single_exporter_unit(quadlet_box: Box, ctl: Controller, tmp_path: Path):
+    """containers/my-exporter.container, the documentation page's example, runs as shipped."""
+    install_config(quadlet_box, ctl, "my-exporter", tmp_path)
+    quadlet_box.sx("systemctl", "start", "my-exporter.service", timeout=300)
+    try:
+        props = quadlet_box.props("my-exporter.service")
+        assert props["ActiveState"] == "active" and props["StatusText"] == WAITING, props
+        assert exporter_row(ctl, "my-exporter")["registered"]
+    finally:
+        quadlet_box.sx("systemctl", "stop", "my-exporter.service")
 
 
 def test_every_config_gets_an_instance_and_new_files_are_picked_up(
