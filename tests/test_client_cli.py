@@ -340,3 +340,20 @@ def test_sigterm_while_waiting_for_an_exporter_deletes_the_waiting_lease(lab: La
     assert proc.returncode == 128 + signal.SIGTERM
     rows = lease_rows(lab.ctl)
     assert len(rows) == 1 and rows[0]["end"], rows
+
+
+def test_unreachable_controller_69_and_refused_token_77(lab: Lab) -> None:
+    good = lab.client.read_text()
+    data = yaml.safe_load(good)
+    data["endpoint"] = "127.0.0.1:1"
+    lab.client.write_text(yaml.safe_dump(data))
+    out = lab.jmp("get", "exporters")
+    assert out.returncode == 69 and "127.0.0.1:1" in out.stderr, out.stderr
+    out = lab.shell("true")
+    assert out.returncode == 69, out.stderr
+    data = yaml.safe_load(good)
+    data["token"] = "not-our-token"
+    lab.client.write_text(yaml.safe_dump(data))
+    for out in (lab.jmp("get", "leases"), lab.shell("true")):
+        assert out.returncode == 77, out.stderr
+        assert "refused" in out.stderr and "not-our-token" not in out.stderr

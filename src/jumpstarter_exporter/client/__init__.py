@@ -19,6 +19,7 @@ from jumpstarter_exporter.client.errors import (
     DriverNotFound,
     ExporterNotReady,
     LeaseEnded,
+    LeaseNotFound,
     LeaseTimeout,
     NoMatchingExporter,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "ExporterNotReady",
     "Lease",
     "LeaseEnded",
+    "LeaseNotFound",
     "LeaseTimeout",
     "NoMatchingExporter",
     "PowerClient",

@@ -10,7 +10,8 @@ same way every other command does)::
     ├── ClientUnavailable    (ControllerUnavailable) → 69  controller/router/exporter unreachable
     ├── NoMatchingExporter   (NotFoundError)      → 1   no exporter matches the selector
     ├── LeaseTimeout                              → 75  exporters match but none became free
-    ├── LeaseEnded                                → 1   the lease ended under us
+    ├── LeaseEnded                                → 1   the lease ended (or was released)
+    ├── LeaseNotFound        (NotFoundError)      → 1   no lease of that name
     ├── ExporterNotReady                          → 1   beforeLease hook failed / not ready
     ├── DriverNotAllowed     (ConfigError)        → 78  the allow-list refuses a driver class
     ├── DriverNotFound       (NotFoundError)      → 1   no driver of that name on the exporter
@@ -67,6 +68,12 @@ class LeaseEnded(ClientError):
     """The lease ended (expired, or released elsewhere) while it was being used."""
 
 
+class LeaseNotFound(ClientError, NotFoundError):
+    """The controller has no lease of that name (for this client)."""
+
+    exit_code = ExitCode.FAILURE
+
+
 class ExporterNotReady(ClientError):
     """The exporter did not become ready for driver calls (e.g. its beforeLease hook failed)."""
 
@@ -114,6 +121,7 @@ __all__ = [
     "DriverNotFound",
     "ExporterNotReady",
     "LeaseEnded",
+    "LeaseNotFound",
     "LeaseTimeout",
     "NoMatchingExporter",
 ]

@@ -40,6 +40,7 @@ from jumpstarter_exporter.client.errors import (
     ClientError,
     ClientUnavailable,
     LeaseEnded,
+    LeaseNotFound,
     LeaseTimeout,
     NoMatchingExporter,
 )
@@ -114,6 +115,10 @@ def rpc_error(exc: grpc.aio.AioRpcError, what: str, config: ClientConfig) -> Jum
         return ClientUnavailable(
             f"controller {config.endpoint} unavailable during {what}: {code.name}: {exc.details()}"
         )
+    if code == grpc.StatusCode.NOT_FOUND:
+        return LeaseNotFound(f"{what}: {exc.details()}")
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return LeaseEnded(f"{what}: {exc.details()}")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return ClientError(f"the controller rejected {what}: {exc.details()}")
     return ClientError(f"{what} failed: {code.name}: {exc.details()}")
@@ -457,10 +462,10 @@ class Lease:
         try:
             self.loop.run(self.controller.delete_lease(self.name), CALL_TIMEOUT + 5)
             log.info("lease released", lease=self.name)
+        except (LeaseEnded, LeaseNotFound):
+            pass  # the exporter released it first (afterLease hook), or it expired
         except ClientError as exc:
-            # The exporter may have released it first (afterLease hook), or it expired.
-            if "already been released" not in str(exc) and "not found" not in str(exc):
-                log.warning("could not release the lease", lease=self.name, error=str(exc))
+            log.warning("could not release the lease", lease=self.name, error=str(exc))
         self.name = ""
 
 
