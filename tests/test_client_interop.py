@@ -97,3 +97,28 @@ def test_shell_and_j_against_upstream_exporter(rig: Rig, far: int) -> None:  # n
     assert "answer-from-board" in stdout
     assert all(r["end"] for r in rig.our_leases(include_ended=True))
     rig.wait_status("Available", 30)
+
+
+def test_upstream_j_inside_our_shell(rig: Rig) -> None:  # noqa: F811
+    """Our shell's socket speaks the session protocol upstream's `j` expects."""
+    out = subprocess.run(
+        [
+            str(JMP),
+            "shell",
+            "--client-config",
+            str(rig.client_config),
+            "--selector",
+            rig.selector,
+            "--",
+            str(rig.venv / "bin" / "j"),
+            "power",
+            "on",
+        ],
+        env=rig.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    wait_for(lambda: rig.exporter_output().count("power on") >= 1, 10, what="power on")
+    assert all(r["end"] for r in rig.our_leases(include_ended=True))

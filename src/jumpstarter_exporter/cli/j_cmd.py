@@ -103,6 +103,9 @@ def serial_group(name: str, driver: SerialClient) -> click.Group:
             raise click.UsageError("serial console needs a terminal; use `serial pipe`")
         run_console(_driver(ctx).open_stream("connect"))
 
+    # upstream's name for the same command
+    group.add_command(click.Command("start-console", callback=console.callback, hidden=True))
+
     @group.command("pipe")
     @click.option("--no-input", is_flag=True, help="Do not send stdin to the device.")
     @click.option(
