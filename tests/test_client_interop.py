@@ -122,3 +122,10 @@ def test_upstream_j_inside_our_shell(rig: Rig) -> None:  # noqa: F811
     assert out.returncode == 0, out.stderr[-3000:]
     wait_for(lambda: rig.exporter_output().count("power on") >= 1, 10, what="power on")
     assert all(r["end"] for r in rig.our_leases(include_ended=True))
+
+
+def test_our_j_inside_upstream_shell(rig: Rig) -> None:  # noqa: F811
+    """Upstream's jmp shell socket and environment work for our `j` too."""
+    out = rig.shell(f"{JMP.parent / 'j'} power on && {JMP.parent / 'j'} power read")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "5.0 V  2.0 A" in out.stdout
