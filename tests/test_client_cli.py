@@ -357,3 +357,20 @@ def test_unreachable_controller_69_and_refused_token_77(lab: Lab) -> None:
     for out in (lab.jmp("get", "leases"), lab.shell("true")):
         assert out.returncode == 77, out.stderr
         assert "refused" in out.stderr and "not-our-token" not in out.stderr
+
+
+def test_shell_without_command_runs_shell_env(lab: Lab) -> None:
+    argv = lab.shell_argv()
+    argv.remove("--")
+    out = subprocess.run(
+        argv,
+        env={**lab.env, "SHELL": "/bin/sh"},
+        input="j power read\nexit 4\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 4, out.stderr[-3000:]
+    assert "5.0 V  2.0 A" in out.stdout
+    assert "exit the shell to release it" in out.stderr
+    assert lab.exporter is not None and lab.exporter.wait(30) == 0
