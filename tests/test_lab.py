@@ -89,6 +89,8 @@ def leftovers(*needles: str) -> list[str]:
 
 def port_free(kind: int, port: int) -> bool:
     with socket.socket(socket.AF_INET, kind) as sock:
+        # TIME_WAIT from the run's connections is not "in use"; a listener still is.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -111,7 +113,7 @@ def parse_steps(stdout: str) -> dict[str, re.Match[str]]:
     found: dict[str, re.Match[str]] = {}
     rest = iter(lines)
     for step, pattern in STEPS.items():
-        line_re = re.compile(rf"^\s*\d+\.\ds  {re.escape(step.strip()):<12} {pattern}")
+        line_re = re.compile(rf"^\s*\d+\.\ds  {re.escape(f'{step.strip():<12}')} {pattern}")
         for line in rest:  # in this order: each step's line comes after the previous one
             match = line_re.search(line)
             if match:

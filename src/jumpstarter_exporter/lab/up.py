@@ -361,7 +361,7 @@ class Lab:
         started = await self._next_event("exporter", "started")
         await self._available(clog, mark, "exporter")
         self.say(
-            "exporter", f"jmp run (pid {started.pid}) under a restart loop; controller: Available"
+            "exporter", f"jmp run, pid {started.pid}, in a restart loop; controller: Available"
         )
 
     async def exporter_restarts(self, clog: JsonLog, mark: int) -> None:
@@ -446,6 +446,33 @@ class Lab:
             lambda e: e.get("event") == "exporter status" and e.get("status") == "Available",
         )
 
+    async def run_session(self, fn: Callable[..., None], *args: Any) -> None:
+        if self.closing:
+            raise asyncio.CancelledError  # stopping: no new lease
+        await _in_thread(fn, *args)
+
+    async def end_stale_leases(self, config: Any) -> None:
+        """A reused directory may hold a lease of a run that was killed (kill -9) before it
+        could release it; the controller would keep the board for it. The lab's client ends
+        its own leftover leases through ClientService, as any client may."""
+        from jumpstarter_exporter.client import ClientError
+        from jumpstarter_exporter.client.lease import Controller, short_name
+
+        controller = Controller(config)
+        ended = []
+        try:
+            await controller.open()
+            for lease in await controller.list_leases(only_active=True):
+                with contextlib.suppress(ClientError):
+                    await controller.delete_lease(lease.name)
+                    ended.append(short_name(lease.name))
+        except ClientError as exc:
+            raise StepFailed("configs", f"listing the client's leases: {exc}") from exc
+        finally:
+            await controller.close()
+        if ended:
+            self.say("configs", f"ended {len(ended)} lease(s) left by an interrupted run")
+
     async def stop_all(self) -> list[str]:
         """Stop everything in reverse order of start; what did not stop cleanly."""
         problems = []
@@ -465,7 +492,7 @@ class Lab:
         return problems
 
 
-async def run_session(fn: Callable[..., None], *args: Any) -> None:
+async def _in_thread(fn: Callable[..., None], *args: Any) -> None:
     """Run a synchronous client step in a daemon thread: an interrupted lab does not wait for
     a blocked gRPC call (the processes it talks to are being stopped anyway)."""
     loop = asyncio.get_running_loop()
@@ -562,14 +589,12 @@ async def _steps(lab: Lab) -> None:
     clog = await lab.start_controller()
     await lab.start_pdu()
     exporter_path, client_path = lab.write_configs()
+    client = load_client(path=client_path, environ=lab.env).config
+    await lab.end_stale_leases(client)
     await lab.start_board()
     await lab.start_exporter(exporter_path, clog)
-    plan = session.Plan(
-        config=load_client(path=client_path, environ=lab.env).config,
-        selector=LABELS,
-        outlet=OUTLET,
-    )
+    plan = session.Plan(config=client, selector=LABELS, outlet=OUTLET)
     mark = clog.mark()
-    await run_session(session.first_lease, plan, lab.say)
+    await lab.run_session(session.first_lease, plan, lab.say)
     await lab.exporter_restarts(clog, mark)
-    await run_session(session.second_lease, plan, lab.say)
+    await lab.run_session(session.second_lease, plan, lab.say)
