@@ -68,8 +68,9 @@ CLIENT = "lab"
 LABELS = {"lab": "demo"}
 OUTLET = 1
 STEP_TIMEOUT = 30.0  # the longest any single wait may take before the step fails
-# Our own log lines are easy to tell from the children's environment: drop what would change
-# how they behave (JMP_* overrides, a systemd notify socket or socket activation).
+# The children get our environment minus what would change how they behave: JMP_*/JUMPSTARTER_*
+# overrides (the lab's configs are the whole truth), a systemd notify socket or socket
+# activation meant for the lab itself.
 _INHERITED_NOT = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
 
 
@@ -78,14 +79,7 @@ def default_dir() -> Path:
     return Path(base) / "jumpstarter" / "lab"
 
 
-class StepFailed(session.StepFailed):
-    pass
-
-
-class Interrupted(Exception):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+StepFailed = session.StepFailed
 
 
 class Report:
