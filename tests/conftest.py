@@ -153,4 +153,15 @@ def exporter_image() -> str:
         timeout=900,
     )
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    # Each changed tree leaves the previous image and build stage untagged (~250 MB each);
+    # remove only those (dangling and carrying our labels), so repeated runs do not fill a disk.
+    for label in (
+        "org.opencontainers.image.title=jumpstarter-exporter",
+        "jumpstarter-exporter.stage",
+    ):
+        subprocess.run(
+            ["podman", "image", "prune", "-f", "--filter", f"label={label}"],
+            capture_output=True,
+            timeout=120,
+        )
     return EXPORTER_IMAGE
