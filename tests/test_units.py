@@ -150,7 +150,8 @@ def interpreter_prefix() -> Path:
 
 
 @pytest.fixture(scope="module")
-def quadlet_box(exporter_image: str) -> Iterator[Box]:
+def quadlet_box(exporter_image: str, udevd: None) -> Iterator[Box]:
+    # udevd first: the sandbox binds the host's /run/udev only if it exists when it boots
     box = start_box("units-quadlet", "quadlet", [])
     try:
         for path in sorted((REPO / "containers").iterdir()):
@@ -495,6 +496,41 @@ def test_documented_single_exporter_unit(quadlet_box: Box, ctl: Controller, tmp_
         assert exporter_row(ctl, "my-exporter")["registered"]
     finally:
         quadlet_box.sx("systemctl", "stop", "my-exporter.service")
+
+
+def test_quadlet_exporter_resolves_a_device_through_the_host_udev(
+    quadlet_box: Box, ctl: Controller, tmp_path: Path
+) -> None:
+    """The unit's /run/udev, /dev and host-network settings reach the container: a serial
+    ``match:`` resolves to the host's /dev/ttyS0 through the host's udevd, and the monitor
+    listens to udev (not raw kernel) events."""
+    if not Path("/sys/class/tty/ttyS0").exists():
+        unmet("no /dev/ttyS0 on this machine")
+    alias = "quadlet-udev"
+    unit = f"jumpstarter-exporter@{alias}.service"
+    export = {
+        "console": {
+            "type": "jumpstarter_driver_pyserial.driver.PySerial",
+            "config": {"match": {"SUBSYSTEM": "tty", "KERNEL": "ttyS0"}},
+        }
+    }
+    local = ctl.create_exporter(alias, {"board": alias}, export, tmp_path / f"{alias}.yaml")
+    quadlet_box.write(f"{EXPORTERS}/{alias}.yaml", local.read_text(), mode="0600")
+    quadlet_box.sx("systemctl", "start", unit, timeout=300)
+    try:
+        props = quadlet_box.props(unit)
+        assert props["ActiveState"] == "active" and props["StatusText"] == WAITING, props
+        logged = {}
+        for line in quadlet_box.sx("journalctl", "-u", unit, "-o", "cat").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            logged.setdefault(event.get("event"), event)
+        assert "console: /dev/ttyS0" in logged["watching devices"]["devices"], logged
+        assert logged["watching udev events"]["source"] == "udev", logged
+    finally:
+        quadlet_box.sx("systemctl", "stop", unit)
 
 
 def test_every_config_gets_an_instance_and_new_files_are_picked_up(
