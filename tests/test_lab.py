@@ -447,3 +447,72 @@ def test_supervisor_gives_up_on_a_crash_loop(tmp_path: Path) -> None:
 
     sup = asyncio.run(scenario())
     assert sup.gave_up is not None and sup.gave_up.returncode == 78
+
+
+# --- the README's first command on a fresh machine ---------------------------------------------
+
+FRESH_SCRIPT = r"""
+set -u
+# A fresh Debian has neither socat nor (often) python3-venv: take them away if the image has them.
+gone=$(dpkg-query -W -f '${Package}\n' | grep -E '^(socat|python3(\.[0-9]+)?-venv)$')
+[ -z "$gone" ] || apt-get remove -y -qq $gone >/dev/null 2>&1
+python3 -c 'import ensurepip' 2>/dev/null && echo "python3-venv still installed"
+mkdir /repo && tar -C /repo -xf /in/repo.tar && cd /repo
+scripts/lab
+echo "scripts/lab exit: $?"
+# Nothing of the lab may outlive it: list every process but this shell and its children.
+for p in /proc/[0-9]*; do
+  [ "${p#/proc/}" = "$$" ] && continue
+  cmd=$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null) || continue
+  case "$cmd" in ''|*'for p in'*|'bash -c'*|tr*) ;; *) echo "left running: $cmd" ;; esac
+done
+"""
+
+
+@pytest.mark.system
+@pytest.mark.timeout(1200)
+def test_scripts_lab_on_a_fresh_debian_from_a_clone(tmp_path: Path) -> None:
+    """scripts/lab in a fresh Debian 12 container holding only the repository's files: it
+    installs socat and python3-venv (apt), .venv and snmpsim (PyPI), and the lab passes."""
+    if os.geteuid() != 0:
+        unmet("needs root (podman)")
+    if shutil.which("podman") is None:
+        unmet("podman is missing: run ../shared/tools/provision-podman")
+    base = os.environ.get("BASE_IMAGE", "localhost/bookworm-python:latest")
+    if subprocess.run(["podman", "image", "exists", base], timeout=60).returncode != 0:
+        unmet(f"base image {base} is missing: run ../shared/tools/base-image")
+    repo = Path(__file__).resolve().parent.parent
+    # What a clone holds: the tracked files (and new, not ignored ones), none of .venv.
+    files = subprocess.run(
+        ["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    present = b"\0".join(f for f in files.split(b"\0") if f and (repo / f.decode()).exists())
+    subprocess.run(
+        ["tar", "-C", str(repo), "-cf", str(tmp_path / "repo.tar"), "--null", "-T", "-"],
+        input=present,
+        check=True,
+        timeout=120,
+    )
+    name = f"jmp-lab-fresh-{os.getpid()}"
+    try:
+        out = subprocess.run(
+            [
+                *("podman", "run", "--rm", "--name", name, "-v", f"{tmp_path}:/in:ro", base),
+                *("bash", "-c", FRESH_SCRIPT),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=1100,
+        )
+    finally:
+        subprocess.run(["podman", "rm", "-f", name], capture_output=True, timeout=60)
+    log = out.stdout + out.stderr
+    assert "python3-venv still installed" not in out.stdout, log
+    assert "lab: installing socat python3-venv (apt-get)" in log, log
+    assert "scripts/lab exit: 0" in out.stdout, log
+    parse_steps(out.stdout)
+    assert "lab: all steps passed" in out.stdout, log
+    assert "left running" not in out.stdout, log
