@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,18 +33,34 @@ IMAGE_UID = 10001  # the image's unprivileged user (Containerfile)
 
 
 @pytest.fixture(scope="module")
-def docker_host() -> str:
-    """Point testcontainers at podman's API socket; Ryuk is off (its image needs a registry)."""
-    os.environ["TESTCONTAINERS_RYUK_DISABLED"] = "true"
-    if not os.environ.get("DOCKER_HOST"):
-        tool = SHARED_TOOLS / "podman-api"
-        if not tool.exists():
-            unmet(f"{tool} is missing and DOCKER_HOST is not set")
-        out = subprocess.run([str(tool), "start"], capture_output=True, text=True, timeout=60)
-        if out.returncode != 0:
-            unmet(f"podman-api start failed: {out.stderr}")
-        os.environ["DOCKER_HOST"] = out.stdout.strip().splitlines()[-1]
-    return os.environ["DOCKER_HOST"]
+def docker_host(monkeypatch_module: pytest.MonkeyPatch) -> Iterator[str]:
+    """Point testcontainers at podman's API socket; Ryuk is off (its image needs a registry).
+
+    .ci/run starts the API and sets DOCKER_HOST; otherwise this starts it and stops it again
+    (if it was not already running)."""
+    monkeypatch_module.setenv("TESTCONTAINERS_RYUK_DISABLED", "true")
+    if os.environ.get("DOCKER_HOST"):
+        yield os.environ["DOCKER_HOST"]
+        return
+    tool = SHARED_TOOLS / "podman-api"
+    if not tool.exists():
+        unmet(f"{tool} is missing and DOCKER_HOST is not set")
+    running = subprocess.run([str(tool), "status"], capture_output=True, timeout=60)
+    out = subprocess.run([str(tool), "start"], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        unmet(f"podman-api start failed: {out.stderr}")
+    monkeypatch_module.setenv("DOCKER_HOST", out.stdout.strip().splitlines()[-1])
+    try:
+        yield os.environ["DOCKER_HOST"]
+    finally:
+        if running.returncode != 0:
+            subprocess.run([str(tool), "stop"], capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
 
 
 def inspect(image: str) -> dict:
