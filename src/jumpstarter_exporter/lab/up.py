@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from jumpstarter_exporter import log as logsetup
 from jumpstarter_exporter.lab import session
 from jumpstarter_exporter.lab.pdusim import (
     LAB_FILES,
@@ -543,7 +544,8 @@ async def up(directory: Path, out: TextIO, speed: float = 1.0) -> int:
         await asyncio.wait({steps, signalled}, return_when=asyncio.FIRST_COMPLETED)
         if signalled.done():
             lab.closing = True  # no process is started from here on
-            report.muted = True  # a session thread may still be talking
+            report.muted = True  # a session thread may still be talking...
+            logsetup.configure("CRITICAL")  # ...or logging what fails as everything stops
             name = signal.Signals(signalled.result()).name
             report.plain(f"\nlab: {name}, stopping everything")
             code = EXIT_SIGINT if signalled.result() == signal.SIGINT else EXIT_SIGTERM
