@@ -135,16 +135,22 @@ def up(stream, board: Board, total: int) -> dict:
 def down(stream, board: Board, total: int) -> dict:
     board.drain()
     writer = threading.Thread(target=board.source, args=(total,), daemon=True)
-    got, crc = 0, 0
+    got, crc, frames = 0, 0, 0
     start = time.perf_counter()
     writer.start()
     while got < total:
         data = stream.receive()
         got += len(data)
+        frames += 1
         crc = zlib.crc32(data, crc)
     end = time.perf_counter()
     writer.join(30)
-    return {"bytes": got, "seconds": end - start, "crc_ok": crc == expected_crc(total)}
+    return {
+        "bytes": got,
+        "seconds": end - start,
+        "crc_ok": crc == expected_crc(total),
+        "frames": frames,  # receives, i.e. router frames as the client saw them
+    }
 
 
 def echo(stream, board: Board, count: int) -> dict:

@@ -153,7 +153,10 @@ async def sim_client(
             await asyncio.sleep(0.02)
         stats.ready.append(time.perf_counter() - start)
 
+        tunnels: set[asyncio.Task] = set()
+
         async def tunnel(reader, writer) -> None:
+            tunnels.add(asyncio.current_task())
             began = time.perf_counter()
             try:
                 dial = await controller.Dial(
@@ -184,6 +187,13 @@ async def sim_client(
                     stats.calls_ok += 1
         finally:
             server.close()
+            # the tunnels end once the local channel is closed; wait for them here so that
+            # none is left for asyncio.run to cancel (it would log each as an error)
+            if tunnels:
+                _done, left = await asyncio.wait(tunnels, timeout=10)
+                for task in left:
+                    task.cancel()
+                await asyncio.gather(*tunnels, return_exceptions=True)
     except (grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
         stats.errors.append(f"client {index}: {type(exc).__name__}: {exc}")
     finally:
