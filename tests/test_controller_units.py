@@ -436,6 +436,27 @@ def test_store_exporter_crud(store: Store) -> None:
     assert store.delete_exporter(NS, "e1") is False
 
 
+def test_deleting_an_exporter_ends_its_leases(store: Store) -> None:
+    store.add_exporter(NS, "e1", {}, "h1")
+    store.add_exporter(NS, "e2", {}, "h2")
+    held, other = (store.add_lease(Lease(NS, n, "alice", 60.0)) for n in ("l1", "l2"))
+    for lease, exporter in ((held, "e1"), (other, "e2")):
+        lease.exporter, lease.reason = exporter, "Ready"  # assigned, as the scheduler does
+        store.update_lease(lease)
+
+    assert store.delete_exporter(NS, "e1") is True
+    # A new exporter under the old name starts with nothing leased.
+    store.add_exporter(NS, "e1", {}, "h3")
+    ended = store.get_lease(NS, held.name)
+    assert ended is not None and ended.ended and ended.reason == "ExporterDeleted"
+    assert [lease.name for lease in store.list_leases(NS, active_only=True)] == [other.name]
+
+    assert store.delete_client(NS, "alice") is False  # no such client row: nothing changes
+    store.add_client(NS, "alice", "hc")
+    assert store.delete_client(NS, "alice") is True
+    assert store.list_leases(NS, active_only=True) == []
+
+
 def test_store_exporter_by_token_and_listing(store: Store) -> None:
     store.add_exporter("b", "z", {}, "hz")
     store.add_exporter("a", "y", {}, "hy")

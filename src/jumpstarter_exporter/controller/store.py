@@ -197,9 +197,17 @@ class Store:
         )
 
     def delete_exporter(self, namespace: str, name: str) -> bool:
+        """Delete the exporter and end the leases it holds: a new exporter created later
+        under the same name must not inherit a lease nobody can serve any more."""
         cur = self.db.execute(
             "DELETE FROM exporters WHERE namespace = ? AND name = ?", (namespace, name)
         )
+        if cur.rowcount:
+            self.db.execute(
+                "UPDATE leases SET ended = 1, effective_end = ?, reason = 'ExporterDeleted', "
+                "message = ? WHERE namespace = ? AND exporter = ? AND ended = 0",
+                (time.time(), f"exporter {name} was deleted", namespace, name),
+            )
         return cur.rowcount > 0
 
     # --- clients ------------------------------------------------------------------------
@@ -233,9 +241,17 @@ class Store:
         )
 
     def delete_client(self, namespace: str, name: str) -> bool:
+        """Delete the client and end its leases: nobody can release them any more, and an
+        exporter must not stay leased to a credential that no longer exists."""
         cur = self.db.execute(
             "DELETE FROM clients WHERE namespace = ? AND name = ?", (namespace, name)
         )
+        if cur.rowcount:
+            self.db.execute(
+                "UPDATE leases SET ended = 1, effective_end = ?, reason = 'ClientDeleted', "
+                "message = ? WHERE namespace = ? AND client = ? AND ended = 0",
+                (time.time(), f"client {name} was deleted", namespace, name),
+            )
         return cur.rowcount > 0
 
     # --- leases -------------------------------------------------------------------------
