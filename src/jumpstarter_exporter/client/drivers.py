@@ -248,10 +248,15 @@ class ByteStream:
                     )
                 self._cond.wait(left)
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Send GOAWAY and half-close; cancel the call if the exporter keeps it open."""
+    def close(self, grace: float = 0.5, timeout: float = 5.0) -> None:
+        """Send GOAWAY and half-close; cancel the call if the exporter keeps it open.
+
+        The grace is short on purpose: a serial port has no end of its own (a pty never
+        reads EOF), so the exporter keeps the device→client direction open after our GOAWAY
+        and waiting longer only delays every release (the lab saw 5 s per lease).
+        """
         self._outgoing.put(None)
-        self._reader.join(timeout)
+        self._reader.join(grace)
         self._call.cancel()
         self._reader.join(timeout)
 
