@@ -46,7 +46,7 @@ class Params:
 
 
 FULL = Params(
-    rounds=3,
+    rounds=5,
     calls=2000,
     concurrent_callers=8,
     concurrent_seconds=3.0,

@@ -192,6 +192,7 @@ def chart(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     sides = result.get("sides", {})
     colors = {"ours": "tab:blue", "upstream": "tab:orange"}
@@ -208,6 +209,8 @@ def chart(result: dict, path: Path) -> None:
                 label = f"{name} (p50 {pct(values, 50):.2f}, p99 {pct(values, 99):.2f} ms)"
                 ax.step(values, ys, where="post", label=label, color=colors.get(name))
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel("ms (log)")
         ax.set_ylabel("fraction of calls")
         ax.set_title(title)
