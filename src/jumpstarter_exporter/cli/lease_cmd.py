@@ -17,7 +17,6 @@ import click
 from google.protobuf import timestamp_pb2
 
 from jumpstarter_exporter._proto.jumpstarter.client.v1 import client_pb2
-from jumpstarter_exporter._proto.jumpstarter.v1 import common_pb2
 from jumpstarter_exporter.cli.client_options import (
     DURATION,
     client_config_options,
@@ -26,19 +25,9 @@ from jumpstarter_exporter.cli.client_options import (
 from jumpstarter_exporter.cli.output import OUTPUT_CHOICES, emit, table
 from jumpstarter_exporter.client.lease import Controller, short_name
 from jumpstarter_exporter.config import ClientConfig
+from jumpstarter_exporter.wire.status import STATUS_NAMES
 
 T = TypeVar("T")
-
-STATUS_NAMES = {
-    common_pb2.EXPORTER_STATUS_UNSPECIFIED: "Unspecified",
-    common_pb2.EXPORTER_STATUS_OFFLINE: "Offline",
-    common_pb2.EXPORTER_STATUS_AVAILABLE: "Available",
-    common_pb2.EXPORTER_STATUS_BEFORE_LEASE_HOOK: "BeforeLeaseHook",
-    common_pb2.EXPORTER_STATUS_LEASE_READY: "LeaseReady",
-    common_pb2.EXPORTER_STATUS_AFTER_LEASE_HOOK: "AfterLeaseHook",
-    common_pb2.EXPORTER_STATUS_BEFORE_LEASE_HOOK_FAILED: "BeforeLeaseHookFailed",
-    common_pb2.EXPORTER_STATUS_AFTER_LEASE_HOOK_FAILED: "AfterLeaseHookFailed",
-}
 
 
 def with_controller(config: ClientConfig, work: Callable[[Controller], Awaitable[T]]) -> T:

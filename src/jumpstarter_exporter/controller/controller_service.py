@@ -17,10 +17,11 @@ import structlog
 
 from jumpstarter_exporter._proto.jumpstarter.v1 import jumpstarter_pb2, jumpstarter_pb2_grpc
 from jumpstarter_exporter.controller import selectors
-from jumpstarter_exporter.controller.convert import STATUS_NAMES, conditions
+from jumpstarter_exporter.controller.convert import conditions
 from jumpstarter_exporter.controller.core import Core, LeaseRequestError
 from jumpstarter_exporter.controller.store import Lease
 from jumpstarter_exporter.controller.tokens import mint_router_token
+from jumpstarter_exporter.wire.status import STATUS_NAMES
 
 log = structlog.get_logger("jumpstarter.controller")
 

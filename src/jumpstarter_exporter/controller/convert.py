@@ -10,19 +10,7 @@ from jumpstarter_exporter._proto.jumpstarter.client.v1 import client_pb2
 from jumpstarter_exporter._proto.jumpstarter.v1 import common_pb2, kubernetes_pb2
 from jumpstarter_exporter.controller.leases import UNSATISFIABLE_REASONS
 from jumpstarter_exporter.controller.store import Exporter, Lease
-
-# Enum ⇄ the controller's status strings (upstream's CRD values, protocol-facts §1.4).
-STATUS_NAMES = {
-    common_pb2.EXPORTER_STATUS_UNSPECIFIED: "Unspecified",
-    common_pb2.EXPORTER_STATUS_OFFLINE: "Offline",
-    common_pb2.EXPORTER_STATUS_AVAILABLE: "Available",
-    common_pb2.EXPORTER_STATUS_BEFORE_LEASE_HOOK: "BeforeLeaseHook",
-    common_pb2.EXPORTER_STATUS_LEASE_READY: "LeaseReady",
-    common_pb2.EXPORTER_STATUS_AFTER_LEASE_HOOK: "AfterLeaseHook",
-    common_pb2.EXPORTER_STATUS_BEFORE_LEASE_HOOK_FAILED: "BeforeLeaseHookFailed",
-    common_pb2.EXPORTER_STATUS_AFTER_LEASE_HOOK_FAILED: "AfterLeaseHookFailed",
-}
-STATUS_VALUES = {name: value for value, name in STATUS_NAMES.items()}
+from jumpstarter_exporter.wire.status import STATUS_VALUES
 
 
 def exporter_name(namespace: str, name: str) -> str:
