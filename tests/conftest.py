@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import unmet
+from tests.harness import podman_base_image, unmet
 
 REPO = Path(__file__).resolve().parent.parent
 HOST_UDEVD = REPO.parent / "shared" / "tools" / "host-udevd"
@@ -127,15 +127,7 @@ def exporter_image() -> str:
     Tagged ``:latest`` because that is the tag the shipped Quadlet units run. Rebuilt once per
     session; podman's layer cache makes an unchanged tree take about a second.
     """
-    import shutil
-
-    if os.geteuid() != 0:
-        unmet("needs root (podman)")
-    if shutil.which("podman") is None:
-        unmet("podman is missing: run ../shared/tools/provision-podman")
-    base = os.environ.get("BASE_IMAGE", "localhost/bookworm-python:latest")
-    if subprocess.run(["podman", "image", "exists", base], timeout=60).returncode != 0:
-        unmet(f"base image {base} is missing: run ../shared/tools/base-image")
+    base = podman_base_image()
     build = subprocess.run(
         [
             "podman",

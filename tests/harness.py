@@ -31,6 +31,21 @@ def unmet(reason: str) -> None:
     pytest.skip(reason)
 
 
+def podman_base_image() -> str:
+    """The registry-free base image (``$BASE_IMAGE``, else the one ../shared/tools/base-image
+    builds), after checking podman can use it; ``unmet()`` otherwise."""
+    import shutil
+
+    if os.geteuid() != 0:
+        unmet("needs root (podman)")
+    if shutil.which("podman") is None:
+        unmet("podman is missing: run ../shared/tools/provision-podman")
+    base = os.environ.get("BASE_IMAGE", "localhost/bookworm-python:latest")
+    if subprocess.run(["podman", "image", "exists", base], timeout=60).returncode != 0:
+        unmet(f"base image {base} is missing: run ../shared/tools/base-image")
+    return base
+
+
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while True:

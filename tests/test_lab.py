@@ -30,7 +30,7 @@ import pytest
 from jumpstarter_exporter.lab.board import Board, open_console, snmp_probe
 from jumpstarter_exporter.lab.pdusim import APC_RPDU_CMD, LAB_FILES
 from jumpstarter_exporter.lab.supervisor import Supervisor
-from tests.harness import JMP, socat_pty_pair, unmet, wait_for
+from tests.harness import JMP, podman_base_image, socat_pty_pair, unmet, wait_for
 from tests.snmpsim import SnmpSim, SnmpSimUnavailable, snmp_set, snmpsim_venv
 
 pytestmark = pytest.mark.timeout(300)
@@ -474,13 +474,7 @@ done
 def test_scripts_lab_on_a_fresh_debian_from_a_clone(tmp_path: Path) -> None:
     """scripts/lab in a fresh Debian 12 container holding only the repository's files: it
     installs socat and python3-venv (apt), .venv and snmpsim (PyPI), and the lab passes."""
-    if os.geteuid() != 0:
-        unmet("needs root (podman)")
-    if shutil.which("podman") is None:
-        unmet("podman is missing: run ../shared/tools/provision-podman")
-    base = os.environ.get("BASE_IMAGE", "localhost/bookworm-python:latest")
-    if subprocess.run(["podman", "image", "exists", base], timeout=60).returncode != 0:
-        unmet(f"base image {base} is missing: run ../shared/tools/base-image")
+    base = podman_base_image()
     repo = Path(__file__).resolve().parent.parent
     # What a clone holds: the tracked files (and new, not ignored ones), none of .venv.
     files = subprocess.run(
