@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -293,6 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.{json,png,txt} go")
     parser.add_argument("--no-scale", action="store_true", help="skip the controller scale test")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
+    parser.add_argument(
+        "--quadlet",
+        action="store_true",
+        help="add the Quadlet/plain unit restart rows (runs tests/test_units.py's restart test "
+        "under the systemd sandbox; needs it prepared, as .ci/run does)",
+    )
     args = parser.parse_args(argv)
     p = SMOKE if args.smoke else FULL
     if args.rounds:
@@ -326,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
 
         say("controller scale")
         result["scale"] = scale.run(base / "scale", p)
+    if args.quadlet:
+        say("unit restart under the systemd sandbox (tests/test_units.py)")
+        result["units"] = unit_restarts()
     result["machine"]["load_after"] = os.getloadavg()
     result["seconds"] = time.time() - began
     args.out.mkdir(parents=True, exist_ok=True)
@@ -339,6 +349,31 @@ def main(argv: list[str] | None = None) -> int:
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
     return 0
+
+
+UNIT_TEST = "tests/test_units.py::test_lease_release_restarts_the_unit_ready_again"
+UNIT_LINE = re.compile(r"^(quadlet|plain): lease released -> unit READY again in ([0-9.]+) s$")
+
+
+def unit_restarts() -> dict:
+    """Lease released -> unit READY again under a booted systemd, for the Quadlet and plain
+    units, as measured (and printed) by the units test. Coarse: it polls ``systemctl show``
+    and prints 0.1 s resolution; one sample each."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", UNIT_TEST],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    found = {}
+    for line in run.stdout.splitlines():
+        if m := UNIT_LINE.match(line.strip()):
+            found[f"{m.group(1)}_s"] = float(m.group(2))
+    if run.returncode != 0 or not found:
+        tail = (run.stdout + run.stderr)[-2000:]
+        raise RuntimeError(f"{UNIT_TEST} failed (exit {run.returncode}):\n{tail}")
+    return found
 
 
 def _mbps(r: dict) -> float:

@@ -117,6 +117,20 @@ def rows(result: dict) -> list[dict]:
                     "met": grew < 8,
                 }
             )
+    units = result.get("units", {})
+    for flavour, label in (("quadlet", "Quadlet unit"), ("plain", "plain systemd unit")):
+        if f"{flavour}_s" in units:
+            out.append(
+                {
+                    "metric": f"release -> READY again, {label} (sandbox, polled)",
+                    "unit": "s",
+                    "ours": units[f"{flavour}_s"],
+                    "upstream": None,
+                    "ratio": None,
+                    "target": None,
+                    "met": None,
+                }
+            )
     ceil = result.get("ceilings", {})
     for label, key in (("bare socat pty pair", "pty_mbps"), ("bare grpcio bidi echo", "grpc_mbps")):
         if ceil.get(key):
