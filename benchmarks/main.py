@@ -15,6 +15,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -301,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         "under the systemd sandbox; needs it prepared, as .ci/run does)",
     )
     args = parser.parse_args(argv)
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so every finally below stops the
+    # exporters, clients, socat and the controller it started (they run in their own sessions)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     p = SMOKE if args.smoke else FULL
     if args.rounds:
         p.rounds = args.rounds
