@@ -185,6 +185,8 @@ def run_round(rig: Rig, side: Side, p: Params, out: dict, growth: bool) -> None:
                 reply, cpu = step(side, client, f"{direction} {p.serial_bytes}", direction)
             add(out, f"{direction}_mbps", reply["bytes"] / reply["seconds"] / 1e6)
             add(out, f"{direction}_crc_ok", reply["crc_ok"])
+            if "frames" in reply:
+                add(out, f"{direction}_frames_per_mib", reply["frames"] / (reply["bytes"] / MIB))
             add(out, f"cpu_ms_per_mib_{direction}", cpu * 1000 / (reply["bytes"] / MIB))
             add(out, "serial_peak_rss_kib", peak.peak_rss)
             add(out, "serial_peak_pss_kib", peak.peak_pss)

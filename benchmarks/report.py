@@ -44,6 +44,7 @@ METRICS = [
     ("8 concurrent callers", "calls/s", "concurrent_cps", "median", 1, ("ratio>=", 2.0)),
     ("serial client->device", "MB/s", "up_mbps", "median", 1, ("ceiling>=", 0.5)),
     ("serial device->client", "MB/s", "down_mbps", "median", 1, ("ceiling>=", 0.5)),
+    ("device->client frames per MiB (client side)", "", "down_frames_per_mib", "median", 1, None),
     ("serial echo 32 B p50", "ms", "echo_lat_s", "p50", 1000, None),
     ("serial echo 32 B p99", "ms", "echo_lat_s", "p99", 1000, ("ratio<=", 0.5)),
     ("idle RSS (all exporter processes)", "MB", "idle_rss_kib", "median", KB, ("ratio<=", 0.25)),
