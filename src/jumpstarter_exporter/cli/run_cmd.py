@@ -108,4 +108,7 @@ def run(
             return await Exporter(loaded.config, options, notifier).run()
 
         code = asyncio.run(main())
+    from jumpstarter_exporter.cli.main import exit_without_teardown
+
+    exit_without_teardown()
     raise click.exceptions.Exit(int(code))

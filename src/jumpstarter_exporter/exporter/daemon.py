@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import uuid as uuidlib
@@ -73,6 +74,17 @@ class RunOptions:
     exit_after_lease: bool = True
     controller_budget: float = 300.0  # seconds an idle exporter tries an absent controller
     stop_grace: float = 10.0  # seconds for a graceful stop before we give up on goodbyes
+
+
+def resume_gc() -> None:
+    """Turn the cyclic collector back on once start-up is over, if ``cli.entry`` paused it.
+
+    What start-up built (modules, models, the driver tree) lives as long as the process, so
+    it is frozen out of every later collection rather than walked on each one.
+    """
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def start_device_watcher(
@@ -225,6 +237,7 @@ class Exporter:
                 return ExitCode.OK
             self.notifier.ready(self._steady_status())
             log.info("ready", endpoint=self.config.endpoint)
+            resume_gc()
             async with asyncio.TaskGroup() as tasks:
                 workers = [
                     tasks.create_task(self.notifier.watchdog()),
@@ -276,6 +289,7 @@ class Exporter:
                     f"controller {self.config.endpoint} unreachable for "
                     f"{backoff.failing_for():.0f} s ({attempts} attempts); last error: {error}"
                 )
+            resume_gc()  # the fast path is lost anyway; a long outage must not pile up garbage
             delay = backoff.next_delay()
             self.notifier.status(f"controller unreachable, retrying in {delay:.0f} s")
             self.novelty.warn(

@@ -19,7 +19,7 @@ from jumpstarter_exporter.drivers.base import Driver
 from jumpstarter_exporter.drivers.registry import build_tree
 from jumpstarter_exporter.errors import ConfigError, ExitCode
 from jumpstarter_exporter.exporter import hooks
-from jumpstarter_exporter.exporter.daemon import start_device_watcher
+from jumpstarter_exporter.exporter.daemon import resume_gc, start_device_watcher
 from jumpstarter_exporter.exporter.notify import Notifier
 from jumpstarter_exporter.exporter.session import Session
 
@@ -150,6 +150,7 @@ async def _serve(
         loop.add_signal_handler(signum, stop.set)
     notifier.ready(show(f"serving standalone on {host}:{bound}"))
     log.info("serving standalone", host=host, port=bound, tls=credentials is not None)
+    resume_gc()
     watchdog = asyncio.ensure_future(notifier.watchdog())
     try:
         await stop.wait()
