@@ -21,23 +21,12 @@ from datetime import datetime
 from pathlib import Path
 
 from benchmarks import procstat
-from tests.harness import JMP, REPO, Controller, PtyPair, socat_pty_pair
+from tests.harness import JMP, REPO, Controller, PtyPair, build_upstream_venv, socat_pty_pair
 
 EXPORT_TYPES = {
     "power": "jumpstarter_driver_power.driver.MockPower",
     "serial": "jumpstarter_driver_pyserial.driver.PySerial",
 }
-
-
-def upstream_venv() -> Path:
-    out = subprocess.run(
-        [str(REPO / "scripts" / "upstream-venv")],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    return Path(out.stdout.strip().splitlines()[-1])
 
 
 def isolated_env(base: Path) -> dict[str, str]:
@@ -321,7 +310,7 @@ class Rig:
 
 
 def build(base: Path) -> Rig:
-    venv = upstream_venv()
+    venv = build_upstream_venv()
     env = isolated_env(base)
     controller = Controller(base / "controller-state", env)
     controller.start()

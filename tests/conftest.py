@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import podman_base_image, unmet
+from tests.harness import build_upstream_venv, podman_base_image, unmet
 
 REPO = Path(__file__).resolve().parent.parent
 HOST_UDEVD = REPO.parent / "shared" / "tools" / "host-udevd"
@@ -43,14 +43,7 @@ def upstream_venv() -> Path:
 
     Never skipped: if it cannot be built the interop tests fail, which is what CI wants.
     """
-    out = subprocess.run(
-        [str(REPO / "scripts" / "upstream-venv")],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    venv = Path(out.stdout.strip().splitlines()[-1])
+    venv = build_upstream_venv()
     assert (venv / "bin" / "jmp").exists(), f"no upstream jmp in {venv}"
     return venv
 

@@ -46,6 +46,19 @@ def podman_base_image() -> str:
     return base
 
 
+def build_upstream_venv() -> Path:
+    """The venv with upstream Jumpstarter 0.9.0, built once by scripts/upstream-venv (which
+    prints its path last)."""
+    out = subprocess.run(
+        [str(REPO / "scripts" / "upstream-venv")],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while True:

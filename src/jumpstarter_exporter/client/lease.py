@@ -22,7 +22,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -180,30 +180,34 @@ class Controller:
         return await self._call("GetLease", self.clients.GetLease, request)
 
     async def list_leases(self, only_active: bool = True) -> list[client_pb2.Lease]:
-        leases: list[client_pb2.Lease] = []
-        token = ""
-        while True:
-            request = client_pb2.ListLeasesRequest(
+        pages = self._pages(
+            "ListLeases",
+            self.clients.ListLeases,
+            lambda token: client_pb2.ListLeasesRequest(
                 parent=self.parent, page_token=token, only_active=only_active
-            )
-            page = await self._call("ListLeases", self.clients.ListLeases, request)
-            leases.extend(page.leases)
-            token = page.next_page_token
-            if not token:
-                return leases
+            ),
+        )
+        return [lease async for page in pages for lease in page.leases]
 
     async def list_exporters(self, selector: str = "") -> list[client_pb2.Exporter]:
-        exporters: list[client_pb2.Exporter] = []
+        pages = self._pages(
+            "ListExporters",
+            self.clients.ListExporters,
+            lambda token: client_pb2.ListExportersRequest(
+                parent=self.parent, page_token=token, filter=selector
+            ),
+        )
+        return [exporter async for page in pages for exporter in page.exporters]
+
+    async def _pages(self, what: str, method: Any, request: Any) -> AsyncIterator[Any]:
+        """Every page of a List call, following next_page_token."""
         token = ""
         while True:
-            request = client_pb2.ListExportersRequest(
-                parent=self.parent, page_token=token, filter=selector
-            )
-            page = await self._call("ListExporters", self.clients.ListExporters, request)
-            exporters.extend(page.exporters)
+            page = await self._call(what, method, request(token))
+            yield page
             token = page.next_page_token
             if not token:
-                return exporters
+                return
 
     async def delete_lease(self, name: str) -> None:
         request = client_pb2.DeleteLeaseRequest(name=self.lease_resource(name))
