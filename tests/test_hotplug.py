@@ -522,3 +522,24 @@ def test_dangling_link_is_unavailable(tmp_path: Path) -> None:
             assert watch.node == link  # the configured path, not where it points
 
     asyncio.run(main())
+
+
+def test_a_watcher_of_ptys_alone_opens_no_udev_monitor(socat: Socat, ttys0: Path) -> None:
+    """ptys emit no uevents, so watching only ptys (a socat link) needs no monitor and the
+    exporter need not load pyudev for it; a watch that events can announce, added later,
+    opens the monitor then."""
+
+    async def main() -> None:
+        socat.start()
+        await until(socat.dut.exists, "socat's link")
+        watcher = DeviceWatcher(poll_interval=0.1)
+        watch = watcher.watch(socat.dut, name="serial")
+        async with watcher:
+            assert watch.available
+            assert watcher.source is None
+            socat.stop()
+            await transition(watch, False, seconds=5)  # polling alone still notices
+            watcher.watch(ttys0, name="console")
+            assert watcher.source in ("udev", "kernel")
+
+    asyncio.run(main())

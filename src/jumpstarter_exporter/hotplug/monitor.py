@@ -22,7 +22,8 @@ Plain paths are also polled (``os.path.exists``, every ``poll_interval`` s): a p
 the link socat makes for a simulated serial port, emits no uevent when it appears or goes
 away (devpts nodes are not in sysfs; testinfra.md §5), so looking is the only way to notice.
 One ``stat`` per path per tick is cheap. Polling checks existence only: a dangling link to a
-pty number that another process got since reads as present.
+pty number that another process got since reads as present. A watcher whose watches are all
+ptys opens no udev monitor at all (``source`` stays None).
 
 Typical use (a driver or the exporter)::
 
@@ -110,6 +111,17 @@ class WatcherStats:
     rescans: int = 0  # full re-enumerations
     rescanned_through: int = 0  # seq of the last event received before the last re-scan
     last_rescan_reason: str = ""
+
+
+def _uevents_can_announce(watch: DeviceWatch) -> bool:
+    """Whether a udev monitor can tell us about ``watch``: a match always; a plain path
+    unless it is (or links to) a pty. devpts nodes have no sysfs entry and emit no uevent
+    (testinfra.md §5), and plain paths are polled anyway, so a watcher of ptys alone (a
+    socat "board") needs no monitor, and the exporter does not load pyudev and libudev for it
+    (about 1 MB of its idle memory)."""
+    if watch.kind == "match":
+        return True
+    return not os.path.realpath(watch.target).startswith("/dev/pts/")
 
 
 class DeviceWatch:
@@ -216,6 +228,7 @@ class DeviceWatcher:
         self.recent_events: collections.deque[UdevEvent] = collections.deque(maxlen=64)
         self.started = False
         self.closed = False
+        self._monitor_tried = False
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -240,6 +253,8 @@ class DeviceWatcher:
             resolved = DeviceMatch.coerce(target)
         handle = DeviceWatch(self, resolved, name)
         self._watches.append(handle)
+        if self.started and not self._monitor_tried and _uevents_can_announce(handle):
+            self._open_monitor()
         handle._set(*self._observation(handle, {}))
         if not handle.available:
             log.warning("device unavailable", watch=name, reason=handle.reason)
@@ -285,7 +300,10 @@ class DeviceWatcher:
             raise RuntimeError("DeviceWatcher is closed")
         self._loop = asyncio.get_running_loop()
         self.started = True
-        self._open_monitor()
+        # With no watches yet, what comes may need events: open it now, before the first
+        # enumeration, so nothing in between is missed.
+        if not self._watches or any(_uevents_can_announce(w) for w in self._watches):
+            self._open_monitor()
         self.rescan("start")
         self._poll_handle = self._loop.call_later(self.poll_interval, self._poll)
 
@@ -315,6 +333,7 @@ class DeviceWatcher:
     # -- the monitor -------------------------------------------------------------------------
 
     def _open_monitor(self) -> None:
+        self._monitor_tried = True
         try:
             import pyudev
 
