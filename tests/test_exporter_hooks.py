@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.harness import Controller, start_exporter, stop_process, upstream_env, wait_for
+from tests.harness import (
+    Controller,
+    ExporterProcess,
+    start_exporter,
+    stop_process,
+    upstream_env,
+    wait_for,
+)
 from tests.test_exporter import EXPORT
 
 pytestmark = pytest.mark.interop
@@ -61,6 +68,20 @@ def shell(client: Path, env: dict[str, str], *cmd: str) -> subprocess.CompletedP
     )
 
 
+def serve_one_lease(config: Path, client: Path, env: dict[str, str], log: Path) -> ExporterProcess:
+    """Start the exporter, lease it through upstream's shell for one `j power on`, and see
+    it exit 0 after the release (hooks run on the way)."""
+    exp = start_exporter(config, env, log)
+    try:
+        wait_for(lambda: exp.has_event("ready"), 30, what="exporter ready")
+        out = shell(client, env, "j", "power", "on")
+        assert out.returncode == 0, out.stderr[-3000:] + exp.log()[-3000:]
+        assert exp.wait(60) == 0
+    finally:
+        exp.stop()
+    return exp
+
+
 def test_hooks_run_around_the_lease_and_can_use_the_board(
     lab, controller: Controller, tmp_path: Path
 ) -> None:
@@ -74,14 +95,7 @@ def test_hooks_run_around_the_lease_and_can_use_the_board(
             "afterLease": {"script": f"j power off && echo after >> {trace}"},
         }
     )
-    exp = start_exporter(config, env, tmp_path / "exporter.log")
-    try:
-        wait_for(lambda: exp.has_event("ready"), 30, what="exporter ready")
-        out = shell(client, env, "j", "power", "on")
-        assert out.returncode == 0, out.stderr[-3000:] + exp.log()[-3000:]
-        assert exp.wait(60) == 0
-    finally:
-        exp.stop()
+    exp = serve_one_lease(config, client, env, tmp_path / "exporter.log")
     lines = trace.read_text().splitlines()
     assert lines[0].startswith("before ") and lines[0].endswith(" cl1")
     assert lines[1] == "after"
@@ -95,14 +109,7 @@ def test_hooks_run_around_the_lease_and_can_use_the_board(
 
 def test_before_lease_warning_still_serves(lab, controller: Controller, tmp_path: Path) -> None:
     config, client, env = lab({"beforeLease": {"script": "exit 3", "onFailure": "warn"}})
-    exp = start_exporter(config, env, tmp_path / "exporter.log")
-    try:
-        wait_for(lambda: exp.has_event("ready"), 30, what="exporter ready")
-        out = shell(client, env, "j", "power", "on")
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert exp.wait(60) == 0
-    finally:
-        exp.stop()
+    serve_one_lease(config, client, env, tmp_path / "exporter.log")
     assert (
         "LeaseReady",
         "[HOOK_WARNING] beforeLease hook warning: Hook failed with exit code 3",
@@ -149,14 +156,7 @@ def test_hook_timeout_kills_the_script(lab, controller: Controller, tmp_path: Pa
     config, client, env = lab(
         {"beforeLease": {"script": f"sleep 60 & echo $! > {pidfile}; wait", "timeout": 1}}
     )
-    exp = start_exporter(config, env, tmp_path / "exporter.log")
-    try:
-        wait_for(lambda: exp.has_event("ready"), 30, what="exporter ready")
-        out = shell(client, env, "j", "power", "on")
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert exp.wait(60) == 0
-    finally:
-        exp.stop()
+    serve_one_lease(config, client, env, tmp_path / "exporter.log")
     assert (
         "LeaseReady",
         "[HOOK_WARNING] beforeLease hook warning: Hook timed out after 1 seconds",
