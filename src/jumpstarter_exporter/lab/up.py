@@ -238,7 +238,8 @@ class Lab:
         endpoint = f"127.0.0.1:{self.port}"
         exporter_path, client_path = self.dir / "exporter.yaml", self.dir / "client.yaml"
         try:
-            # A reused directory: the old tokens go, fresh ones are minted.
+            # A reused directory: the old tokens go, fresh ones are minted, and deleting
+            # them ends any lease a killed run left behind (controller/store.py).
             for delete, name in ((admin.delete_exporter, EXPORTER), (admin.delete_client, CLIENT)):
                 with contextlib.suppress(NotFoundError):
                     delete(state, name)
@@ -446,28 +447,6 @@ class Lab:
             raise asyncio.CancelledError  # stopping: no new lease
         await _in_thread(fn, *args)
 
-    async def end_stale_leases(self, config: Any) -> None:
-        """A reused directory may hold a lease of a run that was killed (kill -9) before it
-        could release it; the controller would keep the board for it. The lab's client ends
-        its own leftover leases through ClientService, as any client may."""
-        from jumpstarter_exporter.client import ClientError
-        from jumpstarter_exporter.client.lease import Controller, short_name
-
-        controller = Controller(config)
-        ended = []
-        try:
-            await controller.open()
-            for lease in await controller.list_leases(only_active=True):
-                with contextlib.suppress(ClientError):
-                    await controller.delete_lease(lease.name)
-                    ended.append(short_name(lease.name))
-        except ClientError as exc:
-            raise StepFailed("configs", f"listing the client's leases: {exc}") from exc
-        finally:
-            await controller.close()
-        if ended:
-            self.say("configs", f"ended {len(ended)} lease(s) left by an interrupted run")
-
     async def stop_all(self) -> list[str]:
         """Stop everything in reverse order of start; what did not stop cleanly."""
         problems = []
@@ -586,7 +565,6 @@ async def _steps(lab: Lab) -> None:
     await lab.start_pdu()
     exporter_path, client_path = lab.write_configs()
     client = load_client(path=client_path, environ=lab.env).config
-    await lab.end_stale_leases(client)
     await lab.start_board()
     await lab.start_exporter(exporter_path, clog)
     plan = session.Plan(config=client, selector=LABELS, outlet=OUTLET)
