@@ -51,7 +51,6 @@ from jumpstarter_exporter.exporter.link import ControllerLink, classify
 from jumpstarter_exporter.exporter.notify import Notifier
 from jumpstarter_exporter.exporter.session import Session
 from jumpstarter_exporter.hotplug.monitor import DeviceWatch, DeviceWatcher
-from jumpstarter_exporter.wire import frames
 from jumpstarter_exporter.wire.channel import open_secure_channel
 
 log = structlog.get_logger("jumpstarter.exporter")
@@ -586,15 +585,11 @@ class Exporter:
         return channel
 
     async def _tunnel(self, session: Session, message) -> None:
-        """One client connection: the router stream bridged onto the session's socket."""
+        """One client connection through the router, answered by the session in-process."""
         try:
-            assert session.socket_path is not None
             await session.clients_allowed.wait()  # held while beforeLease runs
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(str(session.socket_path)), 5
-            )
             channel = await self._router_channel(message.router_endpoint)
-            await frames.bridge_to_router(reader, writer, channel, message.router_token)
+            await session.serve_tunnel(channel, message.router_token)
         except (OSError, grpc.aio.AioRpcError, TimeoutError, ConnectionError) as exc:
             log.info("client connection failed", error=str(exc))
 

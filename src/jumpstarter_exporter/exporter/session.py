@@ -1,7 +1,9 @@
 """A lease session: the exporter's own gRPC server for one lease (or for standalone mode).
 
-Clients reach it through router tunnels (each tunnel is one HTTP/2 connection, bridged onto
-this server's Unix socket) or, in standalone mode, directly over TCP. It serves
+Clients reach it through router tunnels (each tunnel is one HTTP/2 connection, answered in
+this process by wire/h2server.py with no local socket in between, :meth:`Session.serve_tunnel`)
+and hooks through a private Unix socket served the same way; in standalone mode clients
+connect directly over TCP to a grpc.aio server. Both run the same servicers. It serves
 ``ExporterService`` (GetReport, DriverCall, StreamingDriverCall, LogStream, GetStatus,
 EndSession; Reset answers UNIMPLEMENTED as upstream's does) and ``RouterService.Stream`` for
 driver byte streams (protocol-facts §3.7, §5).
@@ -40,7 +42,7 @@ from jumpstarter_exporter.drivers.base import (
     invoke,
     invoke_streaming,
 )
-from jumpstarter_exporter.wire import frames, values
+from jumpstarter_exporter.wire import frames, h2server, values
 
 log = structlog.get_logger("jumpstarter.exporter")
 
@@ -108,6 +110,13 @@ class Session:
         for driver, _parent, _name in root.walk():
             self.drivers.setdefault(driver.uuid, driver)
         self.server: grpc.aio.Server | None = None
+        self.handlers = h2server.Handlers()
+        jumpstarter_pb2_grpc.add_ExporterServiceServicer_to_server(
+            _ExporterService(self), self.handlers
+        )
+        router_pb2_grpc.add_RouterServiceServicer_to_server(_DriverStreams(self), self.handlers)
+        self._unix: asyncio.Server | None = None
+        self._connections: set[asyncio.Task] = set()
         self._tmpdir: tempfile.TemporaryDirectory | None = None
         self.socket_path: Path | None = None
         self.streams = 0
@@ -145,10 +154,30 @@ class Session:
     # --- server -------------------------------------------------------------------------
 
     async def start_unix(self) -> Path:
-        """Serve on a private Unix socket (0700 directory), for router tunnels."""
+        """Serve on a private Unix socket (0700 directory), for hooks (lease mode)."""
         path = self._make_socket_path()
-        await self._start(f"unix://{path}", None)
+        self._unix = await asyncio.start_unix_server(self._accept, path=str(path))
+        logsetup.add_sink(self.logs.sink)
         return path
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            await h2server.serve_stream(self.handlers, reader, writer)
+        finally:
+            self._connections.discard(task)
+
+    async def serve_tunnel(self, channel: grpc.aio.Channel, token: str) -> None:
+        """Answer one client connection that arrives through the router (see frames)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            await frames.serve_tunnel(channel, token, self.handlers)
+        finally:
+            self._connections.discard(task)
 
     async def start_tcp(
         self,
@@ -193,6 +222,15 @@ class Session:
 
     async def stop(self, grace: float = 1.0) -> None:
         logsetup.remove_sink(self.logs.sink)
+        if self._unix is not None:
+            self._unix.close()
+            self._unix = None
+        connections = set(self._connections)
+        if connections:
+            _done, late = await asyncio.wait(connections, timeout=grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         if self.server is not None:
             await self.server.stop(grace)
             self.server = None

@@ -33,6 +33,7 @@ import grpc.aio
 import structlog
 
 from jumpstarter_exporter._proto.jumpstarter.v1 import router_pb2
+from jumpstarter_exporter.wire import h2server
 
 log = structlog.get_logger("jumpstarter.frames")
 
@@ -211,6 +212,82 @@ class _Bridge:
     def _give_up(self) -> None:
         self.lingered = True
         self.call.cancel()
+
+
+async def serve_tunnel(
+    channel: grpc.aio.Channel,
+    token: str,
+    handlers: h2server.Handlers,
+    *,
+    timeout: float = 10.0,  # noqa: ASYNC109 - bounds set-up and teardown, not the tunnel
+) -> None:
+    """Serve gRPC calls (``handlers``) on a tunnel: the HTTP/2 connection a client opened
+    through the router is answered right here, in the client role of the Stream RPC, with
+    no local socket in between (see wire/h2server.py for why).
+
+    Same contract as :func:`bridge_to_router`: the peer's GOAWAY (or the end of the
+    response stream) ends the connection's input, its calls end, what they sent is flushed,
+    then GOAWAY and half-close go out. Raises :class:`TunnelError` when the router is not
+    reachable within ``timeout``, the RPC fails before the peer's goodbye, or the peer
+    resets the stream. Cancelling the caller cancels the RPC and every call on it.
+    """
+    stream = channel.stream_stream(
+        ROUTER_STREAM_METHOD,
+        request_serializer=router_pb2.StreamRequest.SerializeToString,
+        response_deserializer=router_pb2.StreamResponse.FromString,
+    )
+    call = stream(metadata=(("authorization", f"Bearer {token}"),))
+
+    async def write(data: bytes) -> None:
+        await call.write(router_pb2.StreamRequest(payload=data))
+
+    conn = h2server.H2GrpcConnection(handlers, write, peer="router")
+    got_goaway = False
+
+    async def receive() -> None:
+        nonlocal got_goaway
+        try:
+            while (frame := await call.read()) is not grpc.aio.EOF:
+                if frame.frame_type == DATA:
+                    if frame.payload and not got_goaway:
+                        conn.feed(frame.payload)
+                elif frame.frame_type == GOAWAY:
+                    got_goaway = True
+                    conn.feed_eof()
+                elif frame.frame_type == RST_STREAM:
+                    raise _PeerReset()
+            got_goaway = True
+        finally:
+            conn.feed_eof()
+
+    served = asyncio.ensure_future(conn.serve())
+    received = asyncio.ensure_future(receive())
+    guard = asyncio.ensure_future(asyncio.wait_for(channel.channel_ready(), timeout))
+    try:
+        pending: set[asyncio.Future] = {served, received, guard}
+        while not served.done():
+            _done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if guard.done() and guard.exception() is not None:
+                raise TunnelError(
+                    f"router not reachable within {timeout:g} s "
+                    f"(channel {channel.get_state().name})"
+                )
+            if received.done() and (exc := received.exception()) is not None and not got_goaway:
+                raise _Bridge._error(exc)
+        if (exc := served.exception()) is not None and not got_goaway:
+            raise _Bridge._error(exc)
+        if served.exception() is None:
+            # Goodbye, as the bridge says it: GOAWAY, half-close, then the router ends it.
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                await call.write(router_pb2.StreamRequest(frame_type=GOAWAY))
+                await call.done_writing()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(received), timeout)
+    finally:
+        for task in (served, received, guard):
+            task.cancel()
+        await asyncio.gather(served, received, guard, return_exceptions=True)
+        call.cancel()  # a no-op once the RPC has ended
 
 
 async def _close_writer(writer: asyncio.StreamWriter, seconds: float) -> None:
