@@ -4,6 +4,8 @@
     paired by our RouterService with a minted token; bytes, half-close, and failures.
 (b) ``serve_byte_stream``: an exporter-style Stream handler serving an in-memory ByteStream,
     driven by a raw gRPC client.
+(c) ``serve_tunnel``: gRPC calls answered in-process on the router stream (the exporter's
+    side), reached by a real grpc.aio client through a client-side bridge, as in a lease.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ import pytest
 
 from jumpstarter_exporter._proto.jumpstarter.v1 import router_pb2, router_pb2_grpc
 from jumpstarter_exporter.controller.pki import create_ca, issue_server_cert
-from jumpstarter_exporter.controller.router import RouterService
+from jumpstarter_exporter.controller.router import RouterService, add_router_to_server
 from jumpstarter_exporter.controller.tokens import mint_router_token
-from jumpstarter_exporter.wire import frames
+from jumpstarter_exporter.wire import frames, h2server
 
 MiB = 1024 * 1024
 GOAWAY = router_pb2.FRAME_TYPE_GOAWAY
@@ -61,7 +63,7 @@ async def router_server(pki) -> AsyncIterator[Router]:
     key = secrets.token_bytes(32)
     service = RouterService(key)
     server = grpc.aio.server()
-    router_pb2_grpc.add_RouterServiceServicer_to_server(service, server)
+    add_router_to_server(service, server)  # as controller/server.py does: raw frames
     creds = grpc.ssl_server_credentials([(leaf.key_pem, leaf.cert_pem + ca.cert_pem)])
     port = server.add_secure_port("127.0.0.1:0", creds)
     await server.start()
@@ -436,6 +438,156 @@ def test_a_router_that_never_ends_the_call_is_left_after_timeout() -> None:
             assert dict(servicer.metadata)["authorization"] == "Bearer tok"
         finally:
             await server.stop(grace=None)
+
+    asyncio.run(asyncio.wait_for(go(), 60))
+
+
+# --- (c) serve_tunnel: calls answered on the router stream itself ----------------------------
+
+
+class Answers:
+    """A small gRPC service for the tunnel tests (bytes in, bytes out)."""
+
+    def __init__(self) -> None:
+        self.cancelled = asyncio.Event()
+        self.waiting = asyncio.Event()
+
+    async def upper(self, request: bytes, context) -> bytes:
+        return request.upper()
+
+    async def count(self, request: bytes, context):
+        for i in range(int(request)):
+            yield str(i).encode()
+
+    async def hang(self, request: bytes, context) -> bytes:
+        self.waiting.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return b""
+
+    def handlers(self) -> h2server.Handlers:
+        methods = {
+            "Upper": grpc.unary_unary_rpc_method_handler(self.upper),
+            "Count": grpc.unary_stream_rpc_method_handler(self.count),
+            "Hang": grpc.unary_unary_rpc_method_handler(self.hang),
+        }
+        handlers = h2server.Handlers()
+        handlers.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("test.Answers", methods),)
+        )
+        return handlers
+
+
+@contextlib.asynccontextmanager
+async def served_tunnel(router: Router, tmp_path, answers: Answers):
+    """serve_tunnel on one side; on the other, a Unix socket whose connection a client
+    bridge carries through the router (what our client and upstream's do)."""
+    token = mint_router_token(router.key)
+    exporter_channel, client_channel = router.channel(), router.channel()
+    served = asyncio.ensure_future(frames.serve_tunnel(exporter_channel, token, answers.handlers()))
+    bridges: list[asyncio.Task] = []
+    local: list[asyncio.StreamWriter] = []
+
+    async def accept(reader, writer) -> None:
+        bridges.append(asyncio.current_task())
+        local.append(writer)
+        await frames.bridge_to_router(reader, writer, client_channel, token)
+
+    def leave() -> None:
+        """The client process ends: its end of the local connection closes."""
+        for writer in local:
+            writer.transport.close()
+
+    path = tmp_path / "client.sock"
+    server = await asyncio.start_unix_server(accept, path=str(path))
+    grpc_channel = grpc.aio.insecure_channel(f"unix://{path}")
+    try:
+        yield served, grpc_channel, leave
+    finally:
+        await grpc_channel.close()
+        server.close()
+        served.cancel()
+        for task in bridges:
+            task.cancel()
+        await asyncio.gather(served, *bridges, return_exceptions=True)
+        await exporter_channel.close()
+        await client_channel.close()
+
+
+def test_serve_tunnel_answers_calls_and_ends_cleanly(pki, tmp_path) -> None:
+    async def go() -> None:
+        async with router_server(pki) as router:
+            answers = Answers()
+            async with served_tunnel(router, tmp_path, answers) as (served, channel, leave):
+                upper = channel.unary_unary("/test.Answers/Upper")
+                assert await asyncio.wait_for(upper(b"hello"), 10) == b"HELLO"
+                big = os.urandom(3 * MiB)  # larger than any flow-control window
+                assert await asyncio.wait_for(upper(big), 30) == big.upper()
+                count = channel.unary_stream("/test.Answers/Count")
+                got = [item async for item in count(b"500")]
+                assert got == [str(i).encode() for i in range(500)]
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await channel.unary_unary("/test.Answers/Nope")(b"")
+                assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+                # The client goes away: the tunnel ends without an error.
+                leave()
+                assert await finished(served, 10) is None
+            assert router.service.active == 0
+
+    asyncio.run(asyncio.wait_for(go(), 60))
+
+
+def test_serve_tunnel_cancelled_ends_the_calls_and_the_client_learns(pki, tmp_path) -> None:
+    async def go() -> None:
+        async with router_server(pki) as router:
+            answers = Answers()
+            async with served_tunnel(router, tmp_path, answers) as (served, channel, _leave):
+                call = channel.unary_unary("/test.Answers/Hang")(b"")
+                await asyncio.wait_for(answers.waiting.wait(), 10)
+                served.cancel()  # the lease is over
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await asyncio.wait_for(call, 10)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert answers.cancelled.is_set()
+
+    asyncio.run(asyncio.wait_for(go(), 60))
+
+
+def test_serve_tunnel_failures_are_tunnel_errors(pki) -> None:
+    async def go() -> None:
+        async with router_server(pki) as router:
+            token = mint_router_token(router.key)
+            async with router.channel() as channel, router.channel() as peer_channel:
+                served = asyncio.ensure_future(
+                    frames.serve_tunnel(channel, token, Answers().handlers())
+                )
+                peer = router_pb2_grpc.RouterServiceStub(peer_channel).Stream(
+                    metadata=(("authorization", f"Bearer {token}"),)
+                )
+                # The server side speaks first in HTTP/2: its SETTINGS arrive unasked.
+                first = await asyncio.wait_for(peer.read(), 10)
+                assert first.frame_type == router_pb2.FRAME_TYPE_DATA
+                assert first.payload[3] == 0x4  # an HTTP/2 SETTINGS frame
+                await peer.write(
+                    router_pb2.StreamRequest(frame_type=router_pb2.FRAME_TYPE_RST_STREAM)
+                )
+                with pytest.raises(frames.TunnelError, match="reset"):
+                    await finished(served)
+                peer.cancel()
+            async with router.channel() as channel:
+                forged = mint_router_token(b"not the router key")
+                with pytest.raises(frames.TunnelError, match="UNAUTHENTICATED"):
+                    await asyncio.wait_for(
+                        frames.serve_tunnel(channel, forged, Answers().handlers()), 10
+                    )
+        with socket.create_server(("127.0.0.1", 0)) as silent:
+            endpoint = f"127.0.0.1:{silent.getsockname()[1]}"
+            async with grpc.aio.secure_channel(endpoint, grpc.ssl_channel_credentials()) as ch:
+                with pytest.raises(frames.TunnelError, match="not reachable within 1 s"):
+                    await frames.serve_tunnel(ch, "t", Answers().handlers(), timeout=1)
 
     asyncio.run(asyncio.wait_for(go(), 60))
 

@@ -414,8 +414,9 @@ class H2GrpcConnection:
         handler = self._handlers.lookup(path)
         if handler is None:
             return grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {path}"
-        call.request_deserializer = handler.request_deserializer
-        call.response_serializer = handler.response_serializer
+        # None means raw bytes, as in grpc (e.g. a handler registered without serializers).
+        call.request_deserializer = handler.request_deserializer or _identity
+        call.response_serializer = handler.response_serializer or _identity
         try:
             async with asyncio.timeout(deadline):
                 await self._dispatch(handler, call)
@@ -439,7 +440,7 @@ class H2GrpcConnection:
             data = await call._next_message()
             if data is None:
                 raise _Abort(grpc.StatusCode.INTERNAL, "the request carried no message")
-            request = handler.request_deserializer(data)
+            request = call.request_deserializer(data)
         if handler.request_streaming and handler.response_streaming:
             method = handler.stream_stream
         elif handler.request_streaming:
@@ -514,16 +515,16 @@ class H2GrpcConnection:
         cancelling it cancels every call. Raises what ``write`` raises."""
         try:
             while True:
-                await self._dirty.wait()
-                self._dirty.clear()
+                self._dirty.clear()  # before looking: a flush from now on wakes us again
                 data = self._h2.data_to_send()
                 if data:
                     await self._write(data)
-                elif self._closed.is_set() and not self._tasks:
-                    return
-                elif self._closed.is_set():
+                elif not self._closed.is_set():
+                    await self._dirty.wait()
+                elif self._tasks:
                     await asyncio.wait(set(self._tasks))
-                    self._dirty.set()
+                else:
+                    return
         finally:
             self._end_input()
             tasks = set(self._tasks)
@@ -547,6 +548,10 @@ async def _first(*events: asyncio.Event) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
+
+
+def _identity(data: bytes) -> bytes:
+    return data
 
 
 def _parse_timeout(value: str) -> float | None:
