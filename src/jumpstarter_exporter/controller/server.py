@@ -28,13 +28,13 @@ import structlog
 from cryptography import x509
 
 from jumpstarter_exporter._proto.jumpstarter.client.v1 import client_pb2_grpc
-from jumpstarter_exporter._proto.jumpstarter.v1 import jumpstarter_pb2_grpc, router_pb2_grpc
+from jumpstarter_exporter._proto.jumpstarter.v1 import jumpstarter_pb2_grpc
 from jumpstarter_exporter.config.yamlio import atomic_write
 from jumpstarter_exporter.controller.client_service import ClientService
 from jumpstarter_exporter.controller.controller_service import ControllerService
 from jumpstarter_exporter.controller.core import Core
 from jumpstarter_exporter.controller.pki import KeyPair, create_ca, issue_server_cert
-from jumpstarter_exporter.controller.router import RouterService
+from jumpstarter_exporter.controller.router import RouterService, add_router_to_server
 from jumpstarter_exporter.controller.store import Store
 from jumpstarter_exporter.errors import ConfigError
 
@@ -157,7 +157,7 @@ async def serve(
     router = RouterService(core.router_key)
     jumpstarter_pb2_grpc.add_ControllerServiceServicer_to_server(ControllerService(core), server)
     client_pb2_grpc.add_ClientServiceServicer_to_server(ClientService(core), server)
-    router_pb2_grpc.add_RouterServiceServicer_to_server(router, server)
+    add_router_to_server(router, server)
     await server.start()
     log.info(
         "controller listening",
