@@ -392,6 +392,27 @@ def test_initial_metadata_reaches_the_client_before_any_message(tmp_path: Path) 
     run(serving(tmp_path, {"Announce": _unary_stream(announce)}, body))
 
 
+def test_abort_carries_trailing_metadata(tmp_path: Path) -> None:
+    """Trailing metadata given to abort (text and -bin) reaches the client with the status."""
+
+    async def refuse(request: bytes, context) -> bytes:
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            "no",
+            trailing_metadata=(("x-why", "policy"), ("x-code-bin", b"\x00\x01")),
+        )
+        return b""
+
+    async def body(server: Server, channel: grpc.aio.Channel) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await asyncio.wait_for(channel.unary_unary(_method("Refuse"))(b""), 10)
+        trailing = info.value.trailing_metadata()
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert (trailing.get("x-why"), trailing.get("x-code-bin")) == ("policy", b"\x00\x01")
+
+    run(serving(tmp_path, {"Refuse": _unary(refuse)}, body))
+
+
 def test_binary_initial_metadata_reaches_the_client_as_bytes(tmp_path: Path) -> None:
     """A ``-bin`` value goes out base64-encoded (as grpc's own server sends it), so the
     client decodes the very bytes the handler gave."""

@@ -19,8 +19,8 @@ UNIMPLEMENTED; we never advertise an encoding, so clients do not compress) and
 interceptors. The gRPC over HTTP/2 wire format: grpc/grpc doc/PROTOCOL-HTTP2.md.
 
 The servicer objects see a :class:`Context` with the part of ``grpc.aio.ServicerContext``
-they use: ``abort``, ``invocation_metadata``, ``read``, ``write``,
-``send_initial_metadata``, ``cancelled``, ``peer``.
+they use: ``abort``, ``set_code``/``set_details``, ``invocation_metadata``, ``read``,
+``write``, ``send_initial_metadata``, ``set_trailing_metadata``, ``cancelled``, ``peer``.
 """
 
 from __future__ import annotations
@@ -126,6 +126,7 @@ class Context:
         self._headers_sent = False
         self._ended = False
         self._initial: list[tuple[str, str]] = []
+        self._trailing: list[tuple[str, str]] = []
         self._queued = 0  # bytes of complete messages not read yet
         self._unacked = 0  # flow-controlled bytes received but not handed back yet
         self._partial = bytearray()
@@ -149,7 +150,12 @@ class Context:
         return self._cancelled
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()):
+        if trailing_metadata:
+            self.set_trailing_metadata(trailing_metadata)
         raise _Abort(code, details)
+
+    def set_trailing_metadata(self, metadata: Iterable[tuple[str, str | bytes]]) -> None:
+        self._trailing = _encode_metadata(metadata)
 
     def set_code(self, code: grpc.StatusCode) -> None:
         self._code = code
@@ -157,10 +163,10 @@ class Context:
     def set_details(self, details: str) -> None:
         self._details = details
 
-    async def send_initial_metadata(self, metadata: Iterable[tuple[str, str]]) -> None:
+    async def send_initial_metadata(self, metadata: Iterable[tuple[str, str | bytes]]) -> None:
         if self._headers_sent:
             raise RuntimeError("initial metadata already sent")
-        self._initial = list(metadata)
+        self._initial = _encode_metadata(metadata)
         self._send_headers()
         self._conn.flush()
 
@@ -262,6 +268,7 @@ class Context:
         trailers = [("grpc-status", str(code.value[0]))]
         if details:
             trailers.append(("grpc-message", quote(details, safe=_MESSAGE_SAFE)))
+        trailers += self._trailing
         if not self._headers_sent:  # trailers-only response
             trailers = [(":status", "200"), ("content-type", "application/grpc"), *trailers]
         self._conn.send_headers(self._id, trailers, end_stream=True)
@@ -548,6 +555,18 @@ async def _first(*events: asyncio.Event) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
+
+
+def _encode_metadata(metadata: Iterable[tuple[str, str | bytes]]) -> list[tuple[str, str]]:
+    # -bin values travel base64-encoded (PROTOCOL-HTTP2.md), as grpc's server sends them.
+    return [
+        (key, _b64(value)) if key.endswith("-bin") else (key, str(value)) for key, value in metadata
+    ]
+
+
+def _b64(value: str | bytes) -> str:
+    raw = value if isinstance(value, bytes) else value.encode()
+    return base64.b64encode(raw).decode("ascii")
 
 
 def _identity(data: bytes) -> bytes:
