@@ -84,10 +84,11 @@ def run(
     # Heavy imports only now: `jmp run --help` and config errors stay fast.
     from jumpstarter_exporter.exporter.daemon import Exporter, RunOptions
     from jumpstarter_exporter.exporter.notify import Notifier
-    from jumpstarter_exporter.exporter.standalone import serve_standalone
 
     notifier = Notifier()
     if listener is not None:
+        from jumpstarter_exporter.exporter.standalone import serve_standalone
+
         code = asyncio.run(
             serve_standalone(
                 loaded.config,

@@ -29,6 +29,7 @@ import signal
 import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 import grpc.aio
@@ -49,9 +50,11 @@ from jumpstarter_exporter.exporter.backoff import Backoff
 from jumpstarter_exporter.exporter.hooks import HookResult
 from jumpstarter_exporter.exporter.link import ControllerLink, classify
 from jumpstarter_exporter.exporter.notify import Notifier
-from jumpstarter_exporter.exporter.session import Session
 from jumpstarter_exporter.hotplug.monitor import DeviceWatch, DeviceWatcher
 from jumpstarter_exporter.wire.channel import open_secure_channel
+
+if TYPE_CHECKING:
+    from jumpstarter_exporter.exporter.session import Session
 
 log = structlog.get_logger("jumpstarter.exporter")
 
@@ -372,6 +375,11 @@ class Exporter:
     async def _serve_lease(self, lease: str, client: str) -> None:
         # This task runs in its own context copy: the binding ends with the task.
         structlog.contextvars.bind_contextvars(lease=lease, client=client)
+        # Imported at the first lease: the session server (h2 and the servicers, ~1.5 MB and
+        # ~12 ms) is not needed while the exporter waits, which is most of its life; with a
+        # lease already queued the import is on the same path either way.
+        from jumpstarter_exporter.exporter.session import Session
+
         session = Session(self.root, self.uuid, self.labels, self.config.motd or "")
         try:
             await session.start_unix()
