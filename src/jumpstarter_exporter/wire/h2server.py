@@ -56,6 +56,8 @@ CONNECTION_WINDOW = 16 << 20
 QUEUED_LIMIT = 1 << 20
 MAX_CONCURRENT_STREAMS = 100
 MAX_MESSAGE = 4 << 20  # gRPC's default receive limit
+# A response message at least this large waits for the transport (see Context.write).
+BULK = 4096
 # Larger DATA frames than HTTP/2's 16 KiB default: fewer frames (and h2 events) per MiB.
 MAX_FRAME = 1 << 20
 
@@ -180,7 +182,14 @@ class Context:
 
     async def write(self, message: Any) -> None:
         assert self.response_serializer is not None
-        await self._send_message(self.response_serializer(message))
+        payload = self.response_serializer(message)
+        await self._send_message(payload)
+        if len(payload) >= BULK:
+            # Bulk data (a console transfer) waits until the transport took it: meanwhile
+            # the source gathers more, so the next message is larger. Fewer, larger messages
+            # cost every hop less (the client pays per message); small ones (an echo, a
+            # reading, a unary answer) go on at once.
+            await self._conn.drained()
 
     # --- receiving ------------------------------------------------------------------------
 
@@ -308,6 +317,7 @@ class H2GrpcConnection:
         self._calls: dict[int, Context] = {}
         self._tasks: set[asyncio.Task] = set()
         self._dirty = asyncio.Event()
+        self._drained = asyncio.Event()  # everything h2 produced has been written
         self._closed = asyncio.Event()  # no more input: EOF, GOAWAY or a protocol error
         self._conn_window = asyncio.Event()
         self._h2.local_settings = h2.settings.Settings(
@@ -514,6 +524,11 @@ class H2GrpcConnection:
 
     def flush(self) -> None:
         self._dirty.set()
+        self._drained.clear()
+
+    async def drained(self) -> None:
+        """Wait until what was sent so far has been handed to the transport."""
+        await self._drained.wait()
 
     # --- running --------------------------------------------------------------------------
 
@@ -526,13 +541,16 @@ class H2GrpcConnection:
                 data = self._h2.data_to_send()
                 if data:
                     await self._write(data)
-                elif not self._closed.is_set():
+                    continue
+                self._drained.set()
+                if not self._closed.is_set():
                     await self._dirty.wait()
                 elif self._tasks:
                     await asyncio.wait(set(self._tasks))
                 else:
                     return
         finally:
+            self._drained.set()  # nobody may wait for a transport that is gone
             self._end_input()
             tasks = set(self._tasks)
             for task in tasks:
