@@ -3,9 +3,9 @@
 What is simulated, and why: 500 real ``jmp run`` processes do not fit a 2-core machine, so one
 asyncio process (this one) plays them. Each simulated exporter has its own identity, its own
 TLS channel to the controller, registers, reports AVAILABLE and holds a ``Status`` stream; when
-leased it opens ``Listen``, reports LEASE_READY and bridges every router token to a session,
-exactly as ``jmp run`` does (``wire.frames.bridge_to_router``). They share one real session
-server (our ``Session`` with a ``MockPower``), which is what makes them cheap; the tunnels and
+leased it opens ``Listen``, reports LEASE_READY and answers every router token's connection
+in-process, exactly as ``jmp run`` does (``Session.serve_tunnel``). They share one real
+session (our ``Session`` with a ``MockPower``), which is what makes them cheap; the tunnels and
 the router pairing are per lease, so the controller and router see the real traffic. Simulated
 clients do what upstream's client does: CreateLease, wait until ready, then per connection
 Dial and bridge a local Unix socket through the router, and DriverCall over that tunnel.
@@ -105,20 +105,17 @@ async def _status(stub, status: int, message: str) -> None:
 
 async def _listen(stub, lease: str, router: grpc.aio.Channel, tg: asyncio.TaskGroup) -> None:
     async for response in stub.Listen(jumpstarter_pb2.ListenRequest(lease_name=lease)):
-        tg.create_task(_bridge_to_session(response.router_token, router))
+        tg.create_task(_serve_tunnel(response.router_token, router))
 
 
-SESSION_SOCKET: Path | None = None
+SESSION: Session | None = None
 STATS = Stats()
 
 
-async def _bridge_to_session(token: str, router: grpc.aio.Channel) -> None:
-    assert SESSION_SOCKET is not None
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_unix_connection(str(SESSION_SOCKET)), TIMEOUT
-    )
+async def _serve_tunnel(token: str, router: grpc.aio.Channel) -> None:
+    assert SESSION is not None
     try:
-        await bridge_to_router(reader, writer, router, token)
+        await SESSION.serve_tunnel(router, token)
     except ConnectionError as exc:  # counted: a tunnel that broke
         STATS.tunnel_breaks.append(f"exporter tunnel: {exc!r} from {exc.__cause__!r}")
 
@@ -206,7 +203,7 @@ async def sim_client(
 
 
 async def simulate(ctl: Controller, state: StateDir, exporters: int, leases: int, calls: int):
-    global SESSION_SOCKET, STATS  # one simulation per process: the tasks share them
+    global SESSION, STATS  # one simulation per process: the tasks share them
     out: dict = {"exporters": exporters, "leases": leases, "calls_per_lease": calls}
     stats = STATS = Stats()
     stats.expected = exporters
@@ -226,7 +223,8 @@ async def simulate(ctl: Controller, state: StateDir, exporters: int, leases: int
     session = Session(root, "sim", {})
     session.set_status(common_pb2.EXPORTER_STATUS_LEASE_READY, "Ready for commands")
     session.clients_allowed.set()
-    SESSION_SOCKET = await session.start_unix()
+    await session.start_unix()  # the log sink, as in a lease; tunnels come by serve_tunnel
+    SESSION = session
     router = secure_channel(ctl.endpoint, configs[0].tls)
     pid = ctl.proc.pid
     before = procstat.sample([pid])
