@@ -129,3 +129,32 @@ def test_every_log_reader_sees_every_record() -> None:
             await session.stop()
 
     run(go())
+
+
+def test_stop_ends_a_connection_that_outlived_the_lease_quietly() -> None:
+    """A hook's connection still streaming logs when the lease ends is closed by stop()
+    within the grace, and asyncio reports no error for the cancelled connection."""
+
+    async def go():
+        errors: list[dict] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+        session, channel, stub = await _session()
+        try:
+            logs = stub.LogStream(empty_pb2.Empty())
+            async with asyncio.timeout(10):
+                while not session.logs.readers:  # the stream is being served
+                    await asyncio.sleep(0.01)
+            session.publish("hello", common_pb2.LOG_SOURCE_SYSTEM)
+            first = await asyncio.wait_for(logs.read(), 10)
+            assert first.message == "hello"
+            await asyncio.wait_for(session.stop(grace=0.2), 5)
+            with pytest.raises(grpc.aio.AioRpcError):
+                while True:
+                    await asyncio.wait_for(logs.read(), 10)
+        finally:
+            await channel.close()
+        await asyncio.sleep(0.1)  # let the server's connection callbacks run
+        assert errors == []
+        assert session._connections == set()
+
+    run(go())

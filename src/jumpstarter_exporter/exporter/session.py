@@ -166,6 +166,11 @@ class Session:
         self._connections.add(task)
         try:
             await h2server.serve_stream(self.handlers, reader, writer)
+        except asyncio.CancelledError:
+            # stop() cancels a hook's connection that outlived the lease. asyncio's server
+            # owns this task and would log its cancellation as an error (the 3.11 streams
+            # callback reads task.exception()), so the connection just ends here.
+            pass
         finally:
             self._connections.discard(task)
 
