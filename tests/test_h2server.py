@@ -10,6 +10,7 @@ saw) for the test to assert on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import random
@@ -538,6 +539,44 @@ def test_64mib_bidi_transfer_with_checksums(tmp_path: Path) -> None:
 
 
 # --- 5. back-pressure ----------------------------------------------------------------------
+
+
+def test_calls_that_end_with_data_unread_do_not_shrink_the_connection_window(
+    tmp_path: Path,
+) -> None:
+    """A handler that returns while the client's data waits unread (the queue was full, so
+    none of it went back to the client's windows) hands it back when the call ends: twenty
+    such calls (~2 MiB each held back, more than the 16 MiB connection window in all) and a
+    call after them still go through on the same connection."""
+
+    async def ignore(requests, context) -> None:
+        await context.read()  # the client is sending
+        await asyncio.sleep(0.3)  # ... and fills the window and the queue meanwhile
+
+    async def echo(request: bytes, context) -> bytes:
+        return request
+
+    async def body(server: Server, channel: grpc.aio.Channel) -> None:
+        for _ in range(20):
+            call = channel.stream_stream(_method("Ignore"))()
+
+            async def writer(call=call) -> None:
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    for _ in range(64):
+                        await call.write(b"\x5a" * (64 * KIB))
+
+            task = asyncio.ensure_future(writer())
+            try:
+                # OK, or INTERNAL when the client's own write on the ended call loses the
+                # race with our trailers (grpc.aio client behaviour); either way it ends.
+                await asyncio.wait_for(call.code(), 10)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        big = b"\x01" * (3 * MIB)
+        assert await asyncio.wait_for(channel.unary_unary(_method("Echo"))(big), 10) == big
+
+    run(serving(tmp_path, {"Ignore": _stream_stream(ignore), "Echo": _unary(echo)}, body), 120)
 
 
 def test_a_handler_that_does_not_read_stops_the_clients_writes(tmp_path: Path) -> None:

@@ -75,7 +75,7 @@ class Handlers:
 
     def __init__(self) -> None:
         self._generic: list[grpc.GenericRpcHandler] = []
-        self._cache: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._cache: dict[str, grpc.RpcMethodHandler] = {}
 
     def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
         self._generic.extend(handlers)
@@ -85,15 +85,15 @@ class Handlers:
         pass  # the generic handlers above carry the same methods
 
     def lookup(self, method: str) -> grpc.RpcMethodHandler | None:
-        if method not in self._cache:
+        found = self._cache.get(method)
+        if found is None:
             details = _CallDetails(method, ())
-            found = None
             for generic in self._generic:
                 found = generic.service(details)
                 if found is not None:
+                    self._cache[method] = found  # only methods that exist: paths are input
                     break
-            self._cache[method] = found
-        return self._cache[method]
+        return found
 
 
 class _CallDetails(grpc.HandlerCallDetails):
@@ -202,6 +202,7 @@ class Context:
                 self._conn.fail_stream(
                     self, grpc.StatusCode.RESOURCE_EXHAUSTED, f"message of {size} bytes"
                 )
+                self._release()
                 return
             if len(self._partial) < 5 + size:
                 break
@@ -209,6 +210,7 @@ class Context:
                 self._conn.fail_stream(
                     self, grpc.StatusCode.UNIMPLEMENTED, "compressed messages are not supported"
                 )
+                self._release()
                 return
             self._messages.append(bytes(self._partial[5 : 5 + size]))
             del self._partial[: 5 + size]
@@ -223,6 +225,14 @@ class Context:
         if self._unacked and self._queued < QUEUED_LIMIT:
             self._conn.acknowledge(self._id, self._unacked)
             self._unacked = 0
+
+    def _release(self) -> None:
+        """The call is over: what it still owes the client's windows goes back, or the
+        connection's window would shrink with every call that ended with data unread."""
+        if self._unacked:
+            self._conn.acknowledge(self._id, self._unacked)
+            self._unacked = 0
+            self._conn.flush()
 
     def _remote_end(self) -> None:
         self._remote_ended = True
@@ -423,6 +433,7 @@ class H2GrpcConnection:
         finally:
             if self._calls.get(call._id) is call:
                 del self._calls[call._id]
+            call._release()
 
     async def _outcome(
         self, call: Context, path: str, deadline: float | None
