@@ -836,3 +836,72 @@ def test_a_compressed_request_is_unimplemented_and_the_connection_goes_on(
 
     run(serving(tmp_path, {"Echo": _unary(echo)}, body))
     assert handled == [b"plain"]
+
+
+def test_bad_binary_metadata_refuses_the_call_not_the_connection() -> None:
+    """Invalid base64 in a ``-bin`` header ends that call with INVALID_ARGUMENT and the
+    connection serves the next call. The peer is h2's own client state machine, because a
+    real gRPC client always encodes ``-bin`` values correctly and cannot send this."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    async def echo(request: bytes, context) -> bytes:
+        return request
+
+    async def go() -> None:
+        handlers = h2server.Handlers()
+        handlers.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(SERVICE, {"Echo": _unary(echo)})]
+        )
+        sent: list[bytes] = []
+
+        async def write(data: bytes) -> None:
+            sent.append(data)
+
+        server = h2server.H2GrpcConnection(handlers, write)
+        served = asyncio.ensure_future(server.serve())
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+
+        def request(stream_id: int, extra: list[tuple[str, str]]) -> None:
+            headers = [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", _method("Echo")),
+                (":authority", "x"),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+                *extra,
+            ]
+            client.send_headers(stream_id, headers)
+            client.send_data(stream_id, b"\0\0\0\0\x02hi", end_stream=True)
+            server.feed(client.data_to_send())
+
+        with_headers = (h2.events.TrailersReceived, h2.events.ResponseReceived)
+
+        statuses: dict[int, dict[str, str]] = {}
+
+        async def status(stream_id: int) -> dict[str, str]:
+            async with asyncio.timeout(10):
+                while stream_id not in statuses:
+                    await asyncio.sleep(0.01)
+                    while sent:
+                        for event in client.receive_data(sent.pop(0)):
+                            if isinstance(event, with_headers):
+                                headers = {k.decode(): v.decode() for k, v in event.headers}
+                                if "grpc-status" in headers:
+                                    statuses[event.stream_id] = headers
+                    server.feed(client.data_to_send())
+            return statuses[stream_id]
+
+        request(1, [("x-blob-bin", "@@not base64@@")])
+        refused = await status(1)
+        assert refused["grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0])
+        assert "x-blob-bin" in refused["grpc-message"]
+        request(3, [("x-blob-bin", "AAE")])
+        assert (await status(3))["grpc-status"] == "0"
+        server.feed_eof()
+        await asyncio.wait_for(served, 10)
+
+    run(go())

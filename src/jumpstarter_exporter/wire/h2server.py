@@ -404,6 +404,7 @@ class H2GrpcConnection:
         path = ""
         metadata: list[tuple[str, str | bytes]] = []
         timeout: float | None = None
+        refusal: tuple[grpc.StatusCode, str] | None = None
         for key, value in headers:
             if key == ":path":
                 path = value
@@ -412,19 +413,28 @@ class H2GrpcConnection:
             elif key.startswith(":") or key in _RESERVED:
                 continue
             elif key.endswith("-bin"):
-                metadata.append((key, base64.b64decode(value + "=" * (-len(value) % 4))))
+                try:
+                    metadata.append((key, base64.b64decode(value + "=" * (-len(value) % 4))))
+                except ValueError:  # binascii.Error: this call is refused, not the connection
+                    refusal = (grpc.StatusCode.INVALID_ARGUMENT, f"metadata {key}: not base64")
             else:
                 metadata.append((key, value))
         call = Context(self, stream_id, tuple(metadata), self._peer)
         self._calls[stream_id] = call
-        task = asyncio.get_running_loop().create_task(self._run_call(call, path, timeout))
+        task = asyncio.get_running_loop().create_task(self._run_call(call, path, timeout, refusal))
         call._task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run_call(self, call: Context, path: str, deadline: float | None) -> None:
+    async def _run_call(
+        self,
+        call: Context,
+        path: str,
+        deadline: float | None,
+        refusal: tuple[grpc.StatusCode, str] | None = None,
+    ) -> None:
         try:
-            outcome = await self._outcome(call, path, deadline)
+            outcome = refusal or await self._outcome(call, path, deadline)
             if outcome is not None and not self._closed.is_set():
                 call._finish(*outcome)
         except asyncio.CancelledError:
