@@ -33,7 +33,7 @@ import struct
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 import grpc
 import grpc.aio
@@ -578,14 +578,6 @@ class H2GrpcConnection:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def close(self) -> None:
-        """Say goodbye (HTTP/2 GOAWAY) and stop taking input; calls are cancelled."""
-        if not self._closed.is_set():
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self._h2.close_connection()
-        self._end_input()
-        self.flush()
-
 
 async def _first(*events: asyncio.Event) -> None:
     waiters = [asyncio.ensure_future(event.wait()) for event in events]
@@ -617,11 +609,6 @@ def _parse_timeout(value: str) -> float | None:
         return int(value[:-1]) * _TIMEOUT_UNITS[value[-1]]
     except (KeyError, ValueError, IndexError):
         return None
-
-
-def decode_message(value: str) -> str:
-    """A ``grpc-message`` trailer's text (percent-decoded), for tests and clients."""
-    return unquote(value)
 
 
 async def serve_stream(
