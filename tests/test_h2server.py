@@ -37,28 +37,15 @@ def _same(data: bytes) -> bytes:
     return data
 
 
-def _unary(fn) -> grpc.RpcMethodHandler:
-    return grpc.unary_unary_rpc_method_handler(
-        fn, request_deserializer=_same, response_serializer=_same
-    )
+def _with_bytes(make):
+    """A handler factory of grpc's with explicit identity (de)serializers: bytes messages."""
+    return lambda fn: make(fn, request_deserializer=_same, response_serializer=_same)
 
 
-def _unary_stream(fn) -> grpc.RpcMethodHandler:
-    return grpc.unary_stream_rpc_method_handler(
-        fn, request_deserializer=_same, response_serializer=_same
-    )
-
-
-def _stream_unary(fn) -> grpc.RpcMethodHandler:
-    return grpc.stream_unary_rpc_method_handler(
-        fn, request_deserializer=_same, response_serializer=_same
-    )
-
-
-def _stream_stream(fn) -> grpc.RpcMethodHandler:
-    return grpc.stream_stream_rpc_method_handler(
-        fn, request_deserializer=_same, response_serializer=_same
-    )
+_unary = _with_bytes(grpc.unary_unary_rpc_method_handler)
+_unary_stream = _with_bytes(grpc.unary_stream_rpc_method_handler)
+_stream_unary = _with_bytes(grpc.stream_unary_rpc_method_handler)
+_stream_stream = _with_bytes(grpc.stream_stream_rpc_method_handler)
 
 
 class Server:
@@ -739,10 +726,9 @@ def test_200_concurrent_calls_on_one_channel(tmp_path: Path) -> None:
 # --- 9. connection end ---------------------------------------------------------------------
 
 
-def test_closing_the_channel_cancels_a_running_handler_and_ends_serve_stream(
-    tmp_path: Path,
-) -> None:
-    outcome: list[str] = []
+def _first_then_wait(outcome: list[str]):
+    """A streaming handler that sends one message, then waits until it is cancelled (and
+    records that in ``outcome``)."""
 
     async def one_then_wait(request: bytes, context):
         yield b"first"
@@ -751,6 +737,15 @@ def test_closing_the_channel_cancels_a_running_handler_and_ends_serve_stream(
         except asyncio.CancelledError:
             outcome.append("cancelled")
             raise
+
+    return one_then_wait
+
+
+def test_closing_the_channel_cancels_a_running_handler_and_ends_serve_stream(
+    tmp_path: Path,
+) -> None:
+    outcome: list[str] = []
+    one_then_wait = _first_then_wait(outcome)
 
     async def body(server: Server, channel: grpc.aio.Channel) -> None:
         call = channel.unary_stream(_method("Stream"))(b"")
@@ -782,14 +777,7 @@ def test_a_killed_client_cancels_its_handler_and_ends_serve_stream(tmp_path: Pat
     """The connection just ends (no RST_STREAM, no GOAWAY): a real grpc client process is
     killed with SIGKILL in the middle of a call."""
     outcome: list[str] = []
-
-    async def one_then_wait(request: bytes, context):
-        yield b"first"
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            outcome.append("cancelled")
-            raise
+    one_then_wait = _first_then_wait(outcome)
 
     async def body(server: Server, channel: grpc.aio.Channel) -> None:
         target = f"unix://{tmp_path / 'h2.sock'}"
