@@ -592,6 +592,32 @@ def test_serve_tunnel_failures_are_tunnel_errors(pki) -> None:
     asyncio.run(asyncio.wait_for(go(), 60))
 
 
+def test_write_frames_keeps_each_frame_under_the_cap() -> None:
+    """Whatever the HTTP/2 side hands over at once goes out in frames of at most
+    TUNNEL_FRAME bytes, in order. A recording call stands in for the RPC: a real client
+    cannot be made to produce several MiB between two writes on demand (its windows
+    decide), and the property is about what we write, not what the router does."""
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.frames: list[router_pb2.StreamRequest] = []
+
+        async def write(self, frame: router_pb2.StreamRequest) -> None:
+            self.frames.append(frame)
+
+    async def go() -> None:
+        for size in (1, frames.TUNNEL_FRAME, frames.TUNNEL_FRAME + 1, 5 * MiB + 3):
+            data = os.urandom(size)
+            call = Recorder()
+            await frames.write_frames(call, data)
+            assert all(0 < len(f.payload) <= frames.TUNNEL_FRAME for f in call.frames)
+            assert all(f.frame_type == router_pb2.FRAME_TYPE_DATA for f in call.frames)
+            assert b"".join(f.payload for f in call.frames) == data
+            assert len(call.frames) == -(-size // frames.TUNNEL_FRAME)
+
+    asyncio.run(go())
+
+
 # --- (b) serve_byte_stream on an exporter-style Stream handler --------------------------------
 
 

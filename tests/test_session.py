@@ -142,7 +142,8 @@ def test_stop_ends_a_connection_that_outlived_the_lease_quietly() -> None:
         try:
             logs = stub.LogStream(empty_pb2.Empty())
             async with asyncio.timeout(10):
-                while not session.logs.readers:  # the stream is being served
+                # The session has no event for "a reader joined": poll until one has.
+                while not session.logs.readers:  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
             session.publish("hello", common_pb2.LOG_SOURCE_SYSTEM)
             first = await asyncio.wait_for(logs.read(), 10)

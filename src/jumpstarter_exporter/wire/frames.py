@@ -1,14 +1,16 @@
 """Router stream framing (protocol-facts §4): byte streams carried by ``RouterService.Stream``.
 
-The same framing serves two places:
+The same framing serves three places:
 
-- tunnels (§3.6): :func:`bridge_to_router` pumps a local connection (the exporter's session
-  socket, or a client's accepted connection) through the router, in the *client* role of
-  the Stream RPC. Framing is symmetric, so exporter and client use the same function;
+- tunnels (§3.6), the client's side: :func:`bridge_to_router` pumps a local connection (a
+  client's accepted connection) through the router, in the *client* role of the Stream RPC;
+- tunnels, the exporter's side: :func:`serve_tunnel` answers the tunnel's HTTP/2 connection
+  in-process (wire/h2server.py), also in the client role of the Stream RPC;
 - driver byte streams (§5.4): :func:`serve_byte_stream` is the body of the exporter session's
   ``RouterService.Stream`` handler, in the *server* role, pumping a driver ``ByteStream``.
 
-Frames: a chunk of bytes (at most 64 KiB) is one DATA frame (``frame_type`` 0, i.e. omitted);
+Frames: a chunk of bytes (at most 64 KiB read from a local side; at most 256 KiB of what
+serve_tunnel's HTTP/2 side produced) is one DATA frame (``frame_type`` 0, i.e. omitted);
 end of the local data is one GOAWAY frame (empty payload), followed in the client role by
 gRPC half-close. On receipt DATA delivers its payload, GOAWAY or the end of the message stream
 means end of data, PING and unknown types are ignored, and RST_STREAM aborts the stream.
@@ -38,6 +40,7 @@ from jumpstarter_exporter.wire import h2server
 log = structlog.get_logger("jumpstarter.frames")
 
 CHUNK = 64 * 1024  # bytes read from the local side per DATA frame
+TUNNEL_FRAME = 256 * 1024  # at most this per DATA frame from serve_tunnel (see write_frames)
 DATA = router_pb2.FRAME_TYPE_DATA
 GOAWAY = router_pb2.FRAME_TYPE_GOAWAY
 RST_STREAM = router_pb2.FRAME_TYPE_RST_STREAM
@@ -238,10 +241,7 @@ async def serve_tunnel(
     )
     call = stream(metadata=(("authorization", f"Bearer {token}"),))
 
-    async def write(data: bytes) -> None:
-        await call.write(router_pb2.StreamRequest(payload=data))
-
-    conn = h2server.H2GrpcConnection(handlers, write, peer="router")
+    conn = h2server.H2GrpcConnection(handlers, lambda data: write_frames(call, data), peer="router")
     got_goaway = False
 
     async def receive() -> None:
@@ -289,6 +289,21 @@ async def serve_tunnel(
             task.cancel()
         await asyncio.gather(served, received, guard, return_exceptions=True)
         call.cancel()  # a no-op once the RPC has ended
+
+
+async def write_frames(call: Any, data: bytes) -> None:
+    """Send ``data`` as DATA frames of at most TUNNEL_FRAME bytes each.
+
+    What the HTTP/2 side produced between two writes goes out together (fewer frames), but
+    one frame must stay well under gRPC's default 4 MiB message limit, which upstream's Go
+    router and every gRPC client apply to the frames they receive."""
+    if len(data) <= TUNNEL_FRAME:
+        await call.write(router_pb2.StreamRequest(payload=data))
+        return
+    view = memoryview(data)
+    for offset in range(0, len(view), TUNNEL_FRAME):
+        piece = bytes(view[offset : offset + TUNNEL_FRAME])
+        await call.write(router_pb2.StreamRequest(payload=piece))
 
 
 async def _close_writer(writer: asyncio.StreamWriter, seconds: float) -> None:
