@@ -13,10 +13,12 @@ What is implemented is what gRPC clients (C-core, as upstream's Python client) n
 unary and streaming methods in both directions, initial metadata, ``grpc-status`` /
 ``grpc-message`` trailers (trailers-only when no message was sent), ``grpc-timeout``,
 cancellation by RST_STREAM, HTTP/2 flow control in both directions (a handler that does not
-read stops the client's sending: nothing queues without bound), PING (answered by h2) and
-GOAWAY. Not implemented: message compression (a compressed message ends the call with
-UNIMPLEMENTED; we never advertise an encoding, so clients do not compress) and
-interceptors. The gRPC over HTTP/2 wire format: grpc/grpc doc/PROTOCOL-HTTP2.md.
+read stops the client's sending: nothing queues without bound), PING (answered by h2), a
+client's GOAWAY (the connection's input ends, its calls are cancelled) and a GOAWAY naming
+the error when the client breaks the protocol. Not implemented: message compression (a
+compressed message ends the call with UNIMPLEMENTED; we never advertise an encoding, so
+clients do not compress) and interceptors. The gRPC over HTTP/2 wire format:
+grpc/grpc doc/PROTOCOL-HTTP2.md.
 
 The servicer objects see a :class:`Context` with the part of ``grpc.aio.ServicerContext``
 they use: ``abort``, ``set_code``/``set_details``, ``invocation_metadata``, ``read``,
