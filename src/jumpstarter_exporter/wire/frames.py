@@ -93,15 +93,21 @@ async def bridge_to_router(
     Cancelling the caller's task cancels the RPC (the router then ends the peer's side).
     """
     try:
-        stream = channel.stream_stream(
-            ROUTER_STREAM_METHOD,
-            request_serializer=router_pb2.StreamRequest.SerializeToString,
-            response_deserializer=router_pb2.StreamResponse.FromString,
-        )
-        call = stream(metadata=(("authorization", f"Bearer {token}"),))
+        call = _open_stream(channel, token)
         await _Bridge(reader, writer, channel, call, timeout).run()
     finally:
         await _close_writer(writer, timeout)
+
+
+def _open_stream(channel: grpc.aio.Channel, token: str) -> grpc.aio.StreamStreamCall:
+    """``RouterService.Stream`` with the router token, as upstream sends it: the single
+    metadata entry ``authorization: Bearer <token>`` (a credential: use a TLS channel)."""
+    stream = channel.stream_stream(
+        ROUTER_STREAM_METHOD,
+        request_serializer=router_pb2.StreamRequest.SerializeToString,
+        response_deserializer=router_pb2.StreamResponse.FromString,
+    )
+    return stream(metadata=(("authorization", f"Bearer {token}"),))
 
 
 class _Bridge:
@@ -234,13 +240,7 @@ async def serve_tunnel(
     reachable within ``timeout``, the RPC fails before the peer's goodbye, or the peer
     resets the stream. Cancelling the caller cancels the RPC and every call on it.
     """
-    stream = channel.stream_stream(
-        ROUTER_STREAM_METHOD,
-        request_serializer=router_pb2.StreamRequest.SerializeToString,
-        response_deserializer=router_pb2.StreamResponse.FromString,
-    )
-    call = stream(metadata=(("authorization", f"Bearer {token}"),))
-
+    call = _open_stream(channel, token)
     conn = h2server.H2GrpcConnection(handlers, lambda data: write_frames(call, data), peer="router")
     got_goaway = False
 
