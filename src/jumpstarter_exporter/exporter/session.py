@@ -20,7 +20,7 @@ import contextlib
 import os
 import tempfile
 import uuid as uuidlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,29 +160,28 @@ class Session:
         logsetup.add_sink(self.logs.sink)
         return path
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[None]:
+        """The current task serves one connection; stop() ends those still running."""
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
         try:
-            await h2server.serve_stream(self.handlers, reader, writer)
-        except asyncio.CancelledError:
-            # stop() cancels a hook's connection that outlived the lease. asyncio's server
-            # owns this task and would log its cancellation as an error (the 3.11 streams
-            # callback reads task.exception()), so the connection just ends here.
-            pass
+            yield
         finally:
             self._connections.discard(task)
 
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # stop() cancels a hook's connection that outlived the lease. asyncio's server owns
+        # this task and would log its cancellation as an error (the 3.11 streams callback
+        # reads task.exception()), so the connection just ends here.
+        with self._connection(), contextlib.suppress(asyncio.CancelledError):
+            await h2server.serve_stream(self.handlers, reader, writer)
+
     async def serve_tunnel(self, channel: grpc.aio.Channel, token: str) -> None:
         """Answer one client connection that arrives through the router (see frames)."""
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        try:
+        with self._connection():
             await frames.serve_tunnel(channel, token, self.handlers)
-        finally:
-            self._connections.discard(task)
 
     async def start_tcp(
         self,
