@@ -31,6 +31,21 @@ def read_until(fd: int, wanted: bytes, timeout: float = 30.0) -> bytes:
     return seen
 
 
+def our_shell(rig: Rig, *command: str, options: tuple[str, ...] = ()) -> list[str]:  # noqa: F811
+    """Our ``jmp shell`` on the rig's client config and selector, running ``command``."""
+    return [
+        str(JMP),
+        "shell",
+        "--client-config",
+        str(rig.client_config),
+        "--selector",
+        rig.selector,
+        *options,
+        "--",
+        *command,
+    ]
+
+
 @pytest.fixture
 def far(rig: Rig):  # noqa: F811 - the imported fixture
     fd = os.open(rig.pty.far_end, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
@@ -63,20 +78,7 @@ def test_shell_and_j_against_upstream_exporter(rig: Rig, far: int) -> None:  # n
     }
     script = "j power on && printf 'piped\\n' | j serial pipe --timeout 5; exit 3"
     proc = subprocess.Popen(
-        [
-            str(JMP),
-            "shell",
-            "--client-config",
-            str(rig.client_config),
-            "--selector",
-            rig.selector,
-            "--acquisition-timeout",
-            "30",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ],
+        our_shell(rig, "sh", "-c", script, options=("--acquisition-timeout", "30")),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -102,18 +104,7 @@ def test_shell_and_j_against_upstream_exporter(rig: Rig, far: int) -> None:  # n
 def test_upstream_j_inside_our_shell(rig: Rig) -> None:  # noqa: F811
     """Our shell's socket speaks the session protocol upstream's `j` expects."""
     out = subprocess.run(
-        [
-            str(JMP),
-            "shell",
-            "--client-config",
-            str(rig.client_config),
-            "--selector",
-            rig.selector,
-            "--",
-            str(rig.venv / "bin" / "j"),
-            "power",
-            "on",
-        ],
+        our_shell(rig, str(rig.venv / "bin" / "j"), "power", "on"),
         env=rig.env,
         capture_output=True,
         text=True,

@@ -40,7 +40,6 @@ from tests.harness import (
     upstream_env,
     wait_for,
 )
-from tests.harness import wait_for as harness_wait_for
 
 pytestmark = [pytest.mark.system, pytest.mark.interop]
 
@@ -551,9 +550,10 @@ def test_every_config_gets_an_instance_and_new_files_are_picked_up(
         p = box.props(f"jumpstarter-exporter@{alias}.service")
         return p["ActiveState"] == "active" and p["StatusText"] == WAITING
 
-    def wait_for(predicate, timeout: float, interval: float, what: str) -> None:
+    def wait_or_show(predicate, timeout: float, interval: float, what: str) -> None:
+        """wait_for, and on failure the units and the sync service's journal."""
         try:
-            harness_wait_for(predicate, timeout, interval, what)
+            wait_for(predicate, timeout, interval, what)
         except AssertionError as exc:
             units = box.run("systemctl", "list-units", "--all", "jumpstarter-exporter*").stdout
             sync = box.journal("jumpstarter-exporters.*")
@@ -568,11 +568,11 @@ def test_every_config_gets_an_instance_and_new_files_are_picked_up(
         timeout=300,
     )
     try:
-        wait_for(lambda: running(one) and running(two), 60, 0.5, what="both instances")
+        wait_or_show(lambda: running(one) and running(two), 60, 0.5, what="both instances")
         install_config(box, ctl, three, tmp_path)
-        wait_for(lambda: running(three), 60, 0.5, what="an instance for the new file")
+        wait_or_show(lambda: running(three), 60, 0.5, what="an instance for the new file")
         box.sx("rm", f"{EXPORTERS}/{two}.yaml")
-        wait_for(
+        wait_or_show(
             lambda: box.props(f"jumpstarter-exporter@{two}.service")["ActiveState"] == "inactive",
             60,
             0.5,
